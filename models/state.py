@@ -1,0 +1,98 @@
+"""Decode state: explicit, fixed-capacity, functional (DESIGN.md "Decode state", SPEC §5.1).
+
+A state is a flat ``dict[str, Tensor]``; every forward returns a new one and never writes into its input.
+Keys are ``pos`` (int64 [B], the next absolute position of each sequence) and ``{layer}.{kind}``:
+
+| kind         | layers      | shape                         | contents                                          |
+|--------------|-------------|-------------------------------|---------------------------------------------------|
+| window       | all         | [B, window, head_dim]         | ring of raw KV rows, slot = position % window     |
+| kv           | ratio > 0   | [B, max_seq_len // m, head_dim] | compressed KV entries, slot = block index         |
+| comp_kv      | ratio > 0   | [B, c*m, c*head_dim] fp32     | compressor partial state (c = 2 when m = 4)       |
+| comp_score   | ratio > 0   | [B, c*m, c*head_dim] fp32     | gate scores incl. ape; -inf where empty           |
+| index        | ratio 4     | [B, max_seq_len // 4, index_head_dim] | indexer keys                              |
+| index_kv / index_score | ratio 4 | [B, 8, 2*index_head_dim] fp32 | the indexer compressor's partial state      |
+
+With overlap (m = 4) rows 0..m-1 hold the previous complete block and rows m..2m-1 the current one.
+The MTP block has its own state with the key prefix ``mtp{j}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelArgs
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    name: str
+    shape: tuple[int, ...]  # without the batch dim
+    dtype: torch.dtype
+    fill: float
+    per_token: bool  # grows with the sequence (compressed caches) vs fixed (ring, partial states)
+
+
+def layer_entries(args: ModelArgs, layer: int, prefix: str, dtype: torch.dtype) -> list[StateEntry]:
+    r = args.ratio(layer)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # compressor partial states
+    out = [StateEntry(f"{prefix}.window", (args.window_size, args.head_dim), dtype, 0.0, False)]
+    if r > 0:
+        c = 2 if r == 4 else 1
+        out += [
+            StateEntry(f"{prefix}.kv", (args.max_seq_len // r, args.head_dim), dtype, 0.0, True),
+            StateEntry(f"{prefix}.comp_kv", (c * r, c * args.head_dim), acc, 0.0, False),
+            StateEntry(f"{prefix}.comp_score", (c * r, c * args.head_dim), acc, float("-inf"), False),
+        ]
+    if r == 4:
+        out += [
+            StateEntry(f"{prefix}.index", (args.max_seq_len // r, args.index_head_dim), dtype, 0.0, True),
+            StateEntry(f"{prefix}.index_kv", (2 * r, 2 * args.index_head_dim), acc, 0.0, False),
+            StateEntry(f"{prefix}.index_score", (2 * r, 2 * args.index_head_dim), acc, float("-inf"), False),
+        ]
+    return out
+
+
+def state_entries(args: ModelArgs, dtype: torch.dtype = torch.float32, mtp: bool = False) -> list[StateEntry]:
+    """The state layout of the main model (or of the MTP blocks), in a fixed order."""
+    pos = StateEntry("pos", (), torch.int64, 0.0, False)
+    if mtp:
+        return [pos] + [e for j in range(args.n_mtp_layers)
+                        for e in layer_entries(args, args.n_layers + j, f"mtp{j}", dtype)]
+    return [pos] + [e for i in range(args.n_layers) for e in layer_entries(args, i, str(i), dtype)]
+
+
+def init_state(args: ModelArgs, batch: int, dtype: torch.dtype = torch.float32, device=None,
+               mtp: bool = False) -> dict[str, torch.Tensor]:
+    """A fresh state at position 0 for `batch` sequences."""
+    return {e.name: torch.full((batch, *e.shape), e.fill, dtype=e.dtype, device=device)
+            for e in state_entries(args, dtype, mtp)}
+
+
+def layer_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of one layer, keyed by kind (``window``, ``kv``, ...)."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+def bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Amortised state bytes per token for each layer kind, plus the fixed bytes per sequence."""
+    out: dict[str, float] = {}
+    fixed = 0
+    for i in range(args.n_layers):
+        kind = {0: "window", 4: "csa", 128: "hca"}[args.ratio(i)]
+        per = 0.0
+        for e in layer_entries(args, i, str(i), dtype):
+            n = 1
+            for s in e.shape:
+                n *= s
+            b = n * e.dtype.itemsize
+            if e.per_token:
+                per += b / args.max_seq_len
+            else:
+                fixed += b
+        out[kind] = out.get(kind, 0.0) + per
+    out["total_per_token"] = sum(v for k, v in out.items())
+    out["fixed_per_sequence"] = float(fixed)
+    return out
