@@ -164,17 +164,17 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w1: l
         rows, slot = torch.nonzero(idx == e, as_tuple=True)
         if rows.numel() == 0:
             continue
-        se = (lambda s: s[e] if s else None)
+        sc1, sc2, sc3 = (s[e] if s else None for s in (s1, s2, s3))
         xe = up(xq[rows])
-        g = up(F.linear(xe, dequant_weight(w1[e], se(s1), fmt).to(xe.dtype)).to(x.dtype))
-        u = up(F.linear(xe, dequant_weight(w3[e], se(s3), fmt).to(xe.dtype)).to(x.dtype))
+        g = up(F.linear(xe, dequant_weight(w1[e], sc1, fmt).to(xe.dtype)).to(x.dtype))
+        u = up(F.linear(xe, dequant_weight(w3[e], sc3, fmt).to(xe.dtype)).to(x.dtype))
         if swiglu_limit > 0:
             u = u.clamp(-swiglu_limit, swiglu_limit)
             g = g.clamp(max=swiglu_limit)
         h = (F.silu(g) * u * up(weights[rows, slot]).unsqueeze(-1)).to(x.dtype)
         if act_quant:
             h = quant.fp8_act_qdq(h)
-        y.index_add_(0, rows, up(F.linear(up(h), dequant_weight(w2[e], se(s2), fmt).to(xe.dtype)).to(x.dtype)))
+        y.index_add_(0, rows, up(F.linear(up(h), dequant_weight(w2[e], sc2, fmt).to(xe.dtype)).to(x.dtype)))
     return y
 
 

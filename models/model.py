@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, quant
-from .quant import up
 from .config import INDEX_FP4_BLOCK, KV_FP8_BLOCK, ModelArgs
+from .quant import up
 from .state import init_state, layer_state
 
 Tensor = torch.Tensor
@@ -498,6 +498,19 @@ class DeepseekV4(nn.Module):
         new = dict(state) | {"pos": pos0 + next_ids.shape[1]} | {f"mtp{depth}.{k}": v for k, v in st.items()}
         return head_logits(blk, X, self.head.weight, self.args), new, X
 
+    @torch.no_grad()
+    def greedy(self, input_ids: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+        """Prefill then greedy decoding: (new tokens [B,N], logits of every step [B,N,V])."""
+        logits, state = self(input_ids)
+        toks, steps = [], []
+        for _ in range(max_new_tokens):
+            steps.append(logits[:, -1])
+            toks.append(logits[:, -1].argmax(-1, keepdim=True))
+            if len(toks) == max_new_tokens:
+                break
+            logits, state = self(toks[-1], state)
+        return torch.cat(toks, 1), torch.stack(steps, 1)
+
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False,
@@ -507,3 +520,25 @@ class DeepseekV4(nn.Module):
 
         return load_model(path, dtype=dtype, keep_quantized=keep_quantized, **overrides)
 
+
+
+def parameter_counts(args: ModelArgs) -> dict[str, int]:
+    """Logical parameter counts from a meta-device model (FP4/FP8 weights count one per element).
+
+    ``total``: embedding + head + the main blocks (MTP excluded, as the released "284B"/"1.6T" figures are
+    quoted); ``active``: per token, i.e. total minus the embedding and the routed experts not selected;
+    ``mtp``: the MTP blocks.
+    """
+    with torch.device("meta"):
+        m = DeepseekV4(args)
+    total = mtp = routed = 0
+    for name, p in m.named_parameters():
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            continue
+        total += p.numel()
+        if ".ffn.experts." in name:
+            routed += p.numel()
+    embed = m.embed.weight.numel()
+    inactive = routed * (args.n_routed_experts - args.n_activated_experts) // args.n_routed_experts
+    return {"total": total, "active": total - embed - inactive, "mtp": mtp, "embed": embed}

@@ -96,3 +96,19 @@ def bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dic
     out["total_per_token"] = sum(v for k, v in out.items())
     out["fixed_per_sequence"] = float(fixed)
     return out
+
+
+def compact_bytes_per_token(args: ModelArgs) -> float:
+    """Amortised bytes/token of the paper's storage layout (SPEC §5.2): FP8 e4m3 KV nope dims + BF16 rope dims +
+    E8M0 scales per 64 (padded to 8 bytes as vLLM does) and MXFP4 indexer keys (+ one E8M0 scale per 32)."""
+    nope = args.nope_head_dim
+    kv_entry = nope + 2 * args.rope_head_dim + max(8, -(-nope // 64))
+    index_entry = args.index_head_dim // 2 + args.index_head_dim // 32
+    total = 0.0
+    for i in range(args.n_layers):
+        r = args.ratio(i)
+        if r == 4:
+            total += (kv_entry + index_entry) / 4
+        elif r == 128:
+            total += kv_entry / 128
+    return total

@@ -1,0 +1,66 @@
+"""ModelArgs: presets, the official config.json reader, and one clear error per bad key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsv4.models import ConfigError, ModelArgs, preset
+
+
+def flash_cfg() -> dict:
+    return preset("flash").to_hf_config()
+
+
+def test_flash_and_pro_presets_have_the_released_schedule():
+    f, p = preset("flash"), preset("pro")
+    assert len(f.compress_ratios) == 44 and f.compress_ratios[:4] == (0, 0, 4, 128) and f.compress_ratios[-2:] == (4, 0)
+    assert sum(r == 4 for r in f.compress_ratios) == 21 and sum(r == 128 for r in f.compress_ratios) == 20
+    assert p.compress_ratios[:3] == (128, 128, 4) and sum(r == 128 for r in p.compress_ratios) == 31
+    assert (f.index_topk, p.index_topk, f.route_scale, p.route_scale) == (512, 1024, 1.5, 2.5)
+    assert (p.n_heads, p.o_groups, p.n_routed_experts, p.moe_inter_dim) == (128, 16, 384, 3072)
+    t = preset("tiny")
+    assert set(t.compress_ratios[:t.n_layers]) == {0, 4, 128} and 0 < t.n_hash_layers < t.n_layers
+
+
+def test_from_hf_config_round_trip_and_unknown_keys(tmp_path):
+    cfg = flash_cfg() | {"some_future_key": 1, "transformers_version": "5.0"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ModelArgs.from_hf_config(tmp_path) == preset("flash")
+    assert ModelArgs.from_hf_config(tmp_path / "config.json", max_seq_len=8192).max_seq_len == 8192
+    no_expert_dtype = {k: v for k, v in cfg.items() if k != "expert_dtype"}  # absent in April-2026 snapshots
+    assert ModelArgs.from_hf_config(no_expert_dtype).expert_dtype == "fp4"
+
+
+@pytest.mark.parametrize("change,key", [
+    (lambda c: c.pop("hidden_size"), "hidden_size: missing"),
+    (lambda c: c.pop("compress_ratios"), "compress_ratios: missing"),
+    (lambda c: c.update(compress_ratios=c["compress_ratios"][:-1]), "compress_ratios: has 43 entries, expected"),
+    (lambda c: c.update(o_groups=7), "o_groups: num_attention_heads=64 is not divisible by o_groups=7"),
+    (lambda c: c.update(compress_ratios=[3] + c["compress_ratios"][1:]), "compress_ratios: entry 0 is 3"),
+    (lambda c: c.update(num_key_value_heads=8), "num_key_value_heads"),
+    (lambda c: c.update(scoring_func="softmax"), "scoring_func"),
+    (lambda c: c.update(num_experts_per_tok=300), "num_experts_per_tok"),
+    (lambda c: c.update(tie_word_embeddings=True), "tie_word_embeddings"),
+    (lambda c: c.update(qk_rope_head_dim=600), "qk_rope_head_dim"),
+    (lambda c: c["compress_ratios"].__setitem__(-1, 4), "compress_ratios: MTP entry 43 must be 0"),
+])
+def test_bad_config_names_the_key(change, key):
+    cfg = flash_cfg()
+    change(cfg)
+    with pytest.raises(ConfigError, match=key):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_bad_file_and_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config.json: no such file"):
+        ModelArgs.from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelArgs.from_hf_config(tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="hidden_size: 160 is not a multiple of 128"):
+        preset("tiny", dim=160)
+    assert preset("tiny", dim=160, quant_sim=False).dim == 160  # the FP8 block constraint comes from the simulation
