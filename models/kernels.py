@@ -139,11 +139,35 @@ def _(x, weight, scale):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# Dequantisation on its own (the grouped wo_a einsum uses a whole weight): custom ops so that the uint8 bytes
+# reach the exporter as an opaque node rather than as a dtype view, which ONNX cannot express below opset 26.
+@torch.library.custom_op("dsv4::fp8_dequant", mutates_args=())
+def fp8_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 bytes [O, I] with E8M0 tile scales [ceil(O/128), ceil(I/128)] -> fp32 [O, I]."""
+    return quant.fp8_block_dequant(weight, scale)
+
+
+@fp8_dequant.register_fake
+def _(weight, scale):
+    return weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::mxfp4_dequant", mutates_args=())
+def mxfp4_dequant(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """packed e2m1 uint8 [O, K/2] with E8M0 scales [O, K/32] -> fp32 [O, K]."""
+    return quant.mxfp4_dequant(weight, scale)
+
+
+@mxfp4_dequant.register_fake
+def _(weight, scale):
+    return weight.new_empty((*weight.shape[:-1], weight.shape[-1] * 2), dtype=torch.float32)
+
+
 def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: int) -> torch.Tensor:
     if fmt == FMT_FP8:
-        return quant.fp8_block_dequant(weight, scale)
+        return fp8_dequant(weight, scale)
     if fmt == FMT_FP4:
-        return quant.mxfp4_dequant(weight, scale)
+        return mxfp4_dequant(weight, scale)
     return up(weight)
 
 
