@@ -123,6 +123,8 @@ def fp8_block_dequant(w: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLO
         scale = scale.view(torch.uint8)
     o, i = w.shape
     s = e8m0_decode(scale)
+    if o % block == 0 and i % block == 0:  # whole tiles: broadcast the scales instead of materialising them
+        return (w.to(torch.float32).view(o // block, block, i // block, block) * s[:, None, :, None]).view(o, i)
     s = s.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
     return w.to(torch.float32) * s
 
@@ -162,23 +164,57 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     return torch.where((v < 0) & (idx > 0), idx + 8, idx).to(torch.uint8)
 
 
+def _e2m1_bounds(device=None) -> torch.Tensor:
+    """Decision points between neighbouring e2m1 magnitudes for bucketize(right=False), i.e. code = #{b < |x|}.
+
+    Midpoints 0.25, 1.25, 2.5, 5 round down to the even code (|x| must exceed them); 0.75, 1.75, 3.5 round up
+    to the even code, so they are moved one fp32 ulp down and |x| equal to them already counts.
+    """
+    mid = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32, device=device)
+    down = torch.nextafter(mid, torch.zeros_like(mid))
+    return torch.where(torch.tensor([False, True, False, True, False, True, False], device=device), down, mid)
+
+
+def e2m1_quantize(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> e2m1 codes 0..15: round to nearest, ties to even mantissa, saturate at +-6, -0 -> 0.
+
+    The same rounding as ``e2m1_encode(e2m1_round(x.clamp(-6, 6)))`` in one bucketize (about 10x faster).
+    """
+    x = x.to(torch.float32)
+    mag = torch.bucketize(x.abs(), _e2m1_bounds(x.device)).to(torch.uint8)
+    return torch.where((x < 0) & (mag > 0), mag + 8, mag)
+
+
+def _amax(t: torch.Tensor, dims) -> torch.Tensor:
+    """max |t| over dims without materialising |t| in a strided layout (max and -min are contiguous reductions)."""
+    return torch.maximum(t.amax(dim=dims), -t.amin(dim=dims))
+
+
 def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 weight [O, I] -> (float8_e4m3fn [O, I], uint8 E8M0 scales [ceil(O/b), ceil(I/b)]), pow-2 scales."""
+    """fp32 weight [O, I] -> (float8_e4m3fn [O, I], uint8 E8M0 scales [ceil(O/b), ceil(I/b)]), pow-2 scales.
+
+    Scale per tile: 2^ceil(log2(amax / 448)) with amax clamped to >= 1e-4, as the reference's weight quantiser.
+    """
     o, i = w.shape
     po, pi = -o % block, -i % block
-    wp = torch.nn.functional.pad(w.float(), (0, pi, 0, po))
-    tiles = wp.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [O/b, b, I/b, b]
-    amax = tiles.abs().amax(dim=(1, 3)).clamp_min(1e-4)
-    s = ceil_pow2(amax * (1.0 / FP8_MAX))  # [O/b, I/b]
-    q = (tiles / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    q = q.flatten(2).flatten(0, 1)[:o, :i].contiguous()
+    wp = w.float()
+    if po or pi:
+        wp = torch.nn.functional.pad(wp, (0, pi, 0, po))
+    tiles = wp.view((o + po) // block, block, (i + pi) // block, block)  # [O/b, b, I/b, b], same memory as wp
+    s = ceil_pow2(_amax(tiles, (1, 3)).clamp_min(1e-4) * (1.0 / FP8_MAX))  # [O/b, I/b]
+    q = (tiles * (1.0 / s)[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # exact: s is 2^k
+    q = q.view(o + po, i + pi)
+    if po or pi:
+        q = q[:o, :i].contiguous()
     return q, e8m0_encode(s)
 
 
 def mxfp4_quantize(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 weight [O, K] -> (packed uint8 [O, K/2], uint8 E8M0 scales [O, K/32]); round to nearest, ties to even."""
+    """fp32 weight [O, K] -> (packed uint8 [O, K/2], uint8 E8M0 scales [O, K/32]); round to nearest, ties to even.
+
+    Scale per 32 elements: 2^ceil(log2(amax / 6)) with amax clamped to >= 6 * 2^-126.
+    """
     wb = _blockwise(w, block)
-    amax = wb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
-    s = ceil_pow2(amax * (1.0 / FP4_MAX))
-    codes = e2m1_encode(e2m1_round((wb / s).clamp(-FP4_MAX, FP4_MAX))).flatten(-2)
-    return mxfp4_pack(codes), e8m0_encode(s.squeeze(-1))
+    s = ceil_pow2(_amax(wb, -1).clamp_min(FP4_MAX * 2.0**-126) * (1.0 / FP4_MAX))  # [O, K/32]
+    codes = e2m1_quantize(wb * (1.0 / s).unsqueeze(-1)).flatten(-2)
+    return mxfp4_pack(codes), e8m0_encode(s)
