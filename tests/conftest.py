@@ -23,3 +23,12 @@ def tiny_model(tiny_args):
 def tiny_model_f64():
     """tiny in fp64 with the quantisation simulation on: rounding decisions no longer depend on 1-ulp noise."""
     return init_random_(DeepseekV4(preset("tiny"), dtype=torch.float64), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A synthetic tiny checkpoint in the official format (seed 0, 256 kB shards so there are several); read-only."""
+    from dsv4.models.checkpoint_write import write_synthetic
+
+    return write_synthetic(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, shard_size="256KB",
+                           progress=False)
