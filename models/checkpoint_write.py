@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from . import quant
-from .checkpoint import CONFIG, DTYPES, INDEX, TensorSpec, _progress, expected_tensors
-from .config import ModelArgs
+from .checkpoint import TensorSpec, expected_tensors
+from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, write_shard
+from .config import FP8_BLOCK, ModelArgs
 from .synthetic import synthetic_chunks
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -94,18 +95,6 @@ def plan_shards(groups: list[list[Entry]], shard_size: int) -> list[list[Entry]]
     return shards
 
 
-def safetensors_header(entries: list[Entry]) -> bytes:
-    """8-byte little-endian length + JSON header (padded with spaces so the data starts 8-byte aligned)."""
-    h: dict = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for e in entries:
-        h[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
-        off += e.nbytes
-    raw = json.dumps(h, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def encode_synthetic(spec: TensorSpec, seed: int, args: ModelArgs) -> Iterator[torch.Tensor]:
     """The stored tensors of `spec` in file order, chunk by chunk: the weight's rows, then its scale (if any).
 
@@ -113,8 +102,10 @@ def encode_synthetic(spec: TensorSpec, seed: int, args: ModelArgs) -> Iterator[t
     quantising the whole tensor.
     """
     scales = []
-    for _, v in synthetic_chunks(spec.name, spec.shape, seed, args):
+    for r0, v in synthetic_chunks(spec.name, spec.shape, seed, args):
         if spec.fmt == "fp8":
+            if r0 % FP8_BLOCK:
+                raise RuntimeError(f"{spec.name}: chunk at row {r0} is not aligned to the FP8 tile")
             q, s = quant.fp8_block_quantize(v)
             scales.append(s)
             yield q
@@ -126,23 +117,6 @@ def encode_synthetic(spec: TensorSpec, seed: int, args: ModelArgs) -> Iterator[t
             yield v.to(DTYPES[spec.official_dtype][1])
     if scales:
         yield torch.cat(scales, 0).view(torch.float8_e8m0fnu)
-
-
-def write_shard(path: Path, entries: list[Entry], tensors: Iterator[torch.Tensor], advance) -> None:
-    """Write one shard: header, then the bytes of `tensors` (which must match `entries` in total size)."""
-    expected = sum(e.nbytes for e in entries)
-    written = 0
-    with open(path, "wb") as f:
-        f.write(safetensors_header(entries))
-        for t in tensors:
-            b = t.contiguous().view(torch.uint8).reshape(-1).numpy()
-            f.write(memoryview(b))
-            written += b.nbytes
-            advance(b.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
-    if written != expected:
-        raise RuntimeError(f"{path.name}: wrote {written} bytes of tensor data, the header announces {expected}")
 
 
 def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size: str | int = "2GB",
@@ -160,7 +134,7 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
     try:
         (tmp / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         total = sum(e.nbytes for s in shards for e in s)
-        with _progress(progress, f"writing {out.name}", total) as advance:
+        with progress_bar(progress, f"writing {out.name}", total) as advance:
             for file, entries in zip(names, shards):
                 specs = [e.spec for e in entries if e.name == e.spec.name]
                 stream = (t for spec in specs for t in encode_synthetic(spec, seed, args))

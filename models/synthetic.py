@@ -24,14 +24,13 @@ CHUNK_ELEMS = 1 << 24  # 64 MiB of fp32 per generated chunk
 
 
 def chunk_rows(shape: tuple[int, ...]) -> int:
-    """Rows per generated chunk: a multiple of 128 (when at least 128) with at most CHUNK_ELEMS elements."""
+    """Rows per generated chunk: a multiple of 128 (the FP8 tile height), at most CHUNK_ELEMS elements unless
+    128 rows are already more."""
     row = 1
     for s in shape[1:]:
         row *= s
-    rows = max(1, CHUNK_ELEMS // max(row, 1))
-    if rows >= 128:
-        rows -= rows % 128
-    return max(1, min(rows, shape[0])) if shape else 1
+    rows = max(128, CHUNK_ELEMS // max(row, 1))
+    return min(rows - rows % 128, shape[0]) if shape else 1
 
 
 def synthetic_chunks(name: str, shape: tuple[int, ...], seed: int, args: ModelArgs):

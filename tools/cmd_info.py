@@ -54,4 +54,13 @@ def run(a: argparse.Namespace) -> int:
         s.add_row(k, f"{v:,.1f}")
     s.add_row("paper layout (FP8 KV + MXFP4 index), total", f"{compact_bytes_per_token(args):,.1f}")
     con.print(s)
+    from dsv4.models.checkpoint import checkpoint_totals, official_totals
+
+    tot = checkpoint_totals(a.path) if a.path else official_totals(args)
+    w = Table(title="stored tensors by dtype (" + ("this checkpoint's shard headers)" if a.path else "official format)"))
+    for c in ("dtype", "tensors", "GiB"):
+        w.add_column(c, justify="left" if c == "dtype" else "right")
+    for d, v in [*tot.items(), ("all", {k: sum(x[k] for x in tot.values()) for k in ("tensors", "bytes")})]:
+        w.add_row(d, f"{v['tensors']:,}", f"{v['bytes'] / 2**30:,.3f}")
+    con.print(w)
     return 0
