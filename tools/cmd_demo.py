@@ -20,15 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
-    from dsv4.models import DeepseekV4, init_random_, preset
+    from dsv4.models import DeepseekV4, preset
+    from dsv4.models.checkpoint_write import write_synthetic
     from dsv4.models.model import parameter_counts
 
     con = Console()
     args = preset("tiny")
     t0 = time.perf_counter()
-    model = init_random_(DeepseekV4(args), a.seed).eval()
+    # a tiny checkpoint in the official format (FP8 / MXFP4 / E8M0), read back through the real loader
+    ckpt = write_synthetic(args, Path(a.out) / "checkpoint", seed=a.seed, overwrite=True, progress=False)
+    model = DeepseekV4.from_pretrained(ckpt, keep_quantized=True, max_seq_len=args.max_seq_len, progress=False)
+    con.print(f"checkpoint     : {ckpt} (official format, loaded with FP8/MXFP4 weights kept packed)")
     n = parameter_counts(args)
     con.print(f"[bold]tiny DeepSeek V4[/] (seed {a.seed}): {n['total']:,} parameters, {n['active']:,} active per token, "
               f"layers {args.compress_ratios[:args.n_layers]} (0 = window, 4 = CSA, 128 = HCA)")
