@@ -25,6 +25,14 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
 
     o[b,t,h] = sum_s softmax([l_s..., sink_h])_s * kv[idx_s] with l_s = q.kv[idx_s] * scale over valid slots.
     """
+    return torch.cat([_sparse_attn_rows(q[:, a:a + QUERY_CHUNK], kv, sink, idx[:, a:a + QUERY_CHUNK], scale)
+                      for a in range(0, q.shape[1], QUERY_CHUNK)], 1)
+
+
+QUERY_CHUNK = 256  # queries per step of the eager loops: bounds the [B,chunk,K,D] gather on long prefills
+
+
+def _sparse_attn_rows(q, kv, sink, idx, scale):
     valid = idx >= 0  # [B,T,K]
     g = torch.gather(up(kv).unsqueeze(1).expand(-1, idx.shape[1], -1, -1), 2,
                      idx.clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, kv.shape[-1]))  # [B,T,K,D]
@@ -48,8 +56,9 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
     score[t,j] = sum_h w[t,h] * relu(q[t,h].k[j]) for j < n_visible[t]; returns the indices of the top_k scores,
     [B,T,top_k] int64, highest first, ties to the lower index (ONNX TopK order), -1 where fewer are visible.
     """
-    s = torch.einsum("bthd,bnd->bthn", up(q), up(k)).relu()
-    s = (s * up(w).unsqueeze(-1)).sum(2)  # [B,T,N]
+    s = torch.cat([(torch.einsum("bthd,bnd->bthn", up(q[:, a:a + QUERY_CHUNK]), up(k)).relu()
+                    * up(w[:, a:a + QUERY_CHUNK]).unsqueeze(-1)).sum(2)
+                   for a in range(0, q.shape[1], QUERY_CHUNK)], 1)  # [B,T,N]
     j = torch.arange(k.shape[1], device=k.device)
     s = s.masked_fill(j >= n_visible.unsqueeze(-1), float("-inf"))
     if s.shape[-1] < top_k:
