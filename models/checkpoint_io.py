@@ -152,10 +152,14 @@ class Checkpoint:
         for file in files:
             names = listed.get(file, [])
             shard = self.path / file
-            if Path(file).name != file or not shard.is_file():
+            if Path(file).name != file:  # never read outside the checkpoint directory
                 self.accounted.update(names)
-                self._problem("shard", _few(names), file, f"listed in {INDEX} for {len(names)} tensor(s) but "
-                              "the file does not exist" if Path(file).name == file else "not a plain file name")
+                self._problem("shard", _few(names), file, "not a plain file name in the checkpoint directory")
+                continue
+            if not shard.is_file():
+                self.accounted.update(names)
+                self._problem("shard", _few(names), file, f"listed in {INDEX} for {len(names)} tensor(s) but the "
+                              "file does not exist")
                 continue
             try:
                 header, data_len = read_header(shard)
@@ -163,24 +167,31 @@ class Checkpoint:
                 self.accounted.update(names)
                 self._problem("shard", _few(names), file, f"unreadable: {e}")
                 continue
-            self._add_shard(file, header, data_len, names if weight_map is not None else None)
+            self._add_shard(file, header, data_len, names if weight_map is not None else None, weight_map or {})
 
-    def _add_shard(self, file: str, header: dict, data_len: int, listed: list[str] | None) -> None:
+    def _add_shard(self, file: str, header: dict, data_len: int, listed: list[str] | None,
+                   weight_map: dict[str, str]) -> None:
         cut: list[str] = []
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        end = 0  # tensors must tile the data area without holes or overlaps (as safetensors requires)
+        entries = sorted(((n, i) for n, i in header.items() if n != "__metadata__"),
+                         key=lambda e: e[1].get("data_offsets", [0])[0] if isinstance(e[1], dict) else 0)
+        for name, info in entries:
             try:
                 dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                if dtype not in DTYPES:
+                    raise ValueError(f"unknown dtype {dtype!r}")
                 size = DTYPES[dtype][0] * math.prod(shape)
             except (KeyError, TypeError, ValueError) as e:
                 self.accounted.add(name)
-                self._problem("shard", name, file, f"malformed header entry ({e!r})")
+                self._problem("shard", name, file, f"malformed header entry ({e})")
                 continue
-            if b - a != size or a < 0:
+            if b - a != size or a != end:
                 self.accounted.add(name)
-                self._problem("shard", name, file, f"header offsets [{a}, {b}) do not hold {dtype} {list(shape)}")
+                self._problem("shard", name, file, f"header offsets [{a}, {b}) do not hold {dtype} {list(shape)} "
+                              f"right after the previous tensor (ends at {end})")
+                end = max(end, b)
                 continue
+            end = b
             if b > data_len:
                 cut.append(name)
                 continue
@@ -191,7 +202,9 @@ class Checkpoint:
         if cut:
             self.accounted.update(cut)
             self._problem("shard", _few(cut), file, f"truncated: {data_len} bytes of tensor data, the header needs "
-                          f"more for {len(cut)} tensor(s)")
+                          f"{end} for {len(cut)} more tensor(s)")
+        elif end < data_len:
+            self._problem("shard", "", file, f"{data_len - end} bytes after the last tensor (the header covers {end})")
         if listed is not None:
             in_file = set(header) - {"__metadata__"}
             for name in listed:
@@ -199,9 +212,11 @@ class Checkpoint:
                     self.accounted.add(name)
                     self._problem("index", name, file, f"{INDEX} maps it to {file}, which does not contain it")
             for name in sorted(in_file - set(listed)):
-                self.tensors.pop(name, None)
-                self.accounted.add(name)
-                self._problem("index", name, file, f"stored in {file} but not listed there by {INDEX}")
+                if name in self.tensors and self.tensors[name].file == file:
+                    del self.tensors[name]
+                if name not in weight_map:  # else the index maps it to another file: reported for that file
+                    self.accounted.add(name)
+                    self._problem("index", name, file, f"stored in {file} but not listed by {INDEX}")
 
     # ---- data ------------------------------------------------------------------------------------------
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:

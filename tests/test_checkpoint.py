@@ -264,6 +264,27 @@ def corrupt(case: str, d: Path) -> tuple[str, str, str]:
         f = wm["layers.3.attn.wkv.weight"]
         (d / f).rename(d / (f + ".moved"))
         return "shard", sorted(n for n in wm if wm[n] == f)[0], f
+    if case == "bytes after the last tensor":
+        f = wm["norm.weight"]
+        with open(d / f, "ab") as fh:
+            fh.write(b"\0" * 16)
+        return "shard", "", f
+    if case == "garbage header":
+        f = wm["layers.0.attn.wkv.weight"]
+        with open(d / f, "r+b") as fh:
+            fh.seek(8)
+            fh.write(b"not json")
+        return "shard", "layers.0.attn.wkv.weight", f
+    if case == "index escapes the directory":
+        n = "layers.3.ffn_norm.weight"
+        wm[n] = "../" + wm[n]
+        (d / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        return "shard", n, wm[n]
+    if case == "tensor not in the index":
+        n = "layers.2.attn.compressor.ape"
+        f = wm.pop(n)
+        (d / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        return "index", n, f
     if case == "nan in bf16":
         n = "layers.1.ffn_norm.weight"
         return "values", n, edit(d, n, lambda sd: sd[n].__setitem__(5, float("nan")))
@@ -274,7 +295,8 @@ def corrupt(case: str, d: Path) -> tuple[str, str, str]:
 
 
 CASES = ["missing tensor", "extra tensor", "wrong shape", "wrong dtype", "wrong dtype f32", "scale shape",
-         "missing scale", "truncated shard", "index points to a missing file", "nan in bf16", "inf in f32"]
+         "missing scale", "truncated shard", "index points to a missing file", "nan in bf16", "inf in f32",
+         "bytes after the last tensor", "garbage header", "index escapes the directory", "tensor not in the index"]
 
 
 @pytest.mark.parametrize("case", CASES)
