@@ -18,6 +18,11 @@ from .quant import up
 FMT_FLOAT, FMT_FP8, FMT_FP4 = 0, 1, 2  # weight formats of dsv4::moe_experts
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The dtype `up(t)` has: what the fakes must report for the fp32-accumulating outputs (fp64 stays fp64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 # ---- sparse attention with sink (SPEC §4.4) -----------------------------------------------------------
 @torch.library.custom_op("dsv4::sparse_attn", mutates_args=())
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
@@ -96,7 +101,7 @@ def compress(kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor, prev_
 @compress.register_fake
 def _(kv, score, prev_kv, prev_score, overlap):
     d = kv.shape[-1] // 2 if overlap else kv.shape[-1]
-    return kv.new_empty((kv.shape[0], kv.shape[1], d), dtype=torch.float32)
+    return kv.new_empty((kv.shape[0], kv.shape[1], d), dtype=_acc(kv))
 
 
 # ---- mHC split with Sinkhorn-Knopp (SPEC §3) --------------------------------------------------------------
@@ -120,7 +125,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 @hc_split_sinkhorn.register_fake
 def _(mixes, scale, base, hc_mult, iters, eps):
     lead = mixes.shape[:-1]
-    f = torch.float32
+    f = _acc(mixes)
     return mixes.new_empty((*lead, hc_mult), dtype=f), mixes.new_empty((*lead, hc_mult), dtype=f), \
         mixes.new_empty((*lead, hc_mult, hc_mult), dtype=f)
 
@@ -213,4 +218,4 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w1: l
 
 @moe_experts.register_fake
 def _(x, weights, idx, w1, w2, w3, s1, s2, s3, fmt, swiglu_limit, act_quant):
-    return x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=_acc(x))
