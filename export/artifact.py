@@ -1,0 +1,199 @@
+"""The artifact directory: manifest.json, atomic write, sha256 of every file, verification on load.
+
+An artifact is written into a temporary sibling directory and renamed into place only when complete, so an
+interrupted export never leaves a half artifact under the requested name. Loading verifies every file's
+hash (skippable for speed) and refuses external-data locations that could leave the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+
+import onnx
+import onnx_ir as ir
+
+from . import custom_ops
+from .signature import GRAPHS, signature, state_layout
+from .targets import Target
+
+MANIFEST = "manifest.json"
+FORMAT = "dsv4-artifact"
+FORMAT_VERSION = 1
+_DEPENDENCIES = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "apache-tvm", "safetensors", "numpy")
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is incomplete, tampered with, or unsafe. The message names the file."""
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+def check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"--out: {out} exists and is not empty (pass overwrite / --force to replace it)")
+
+
+@contextlib.contextmanager
+def writing(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success move it to `out` (replacing an old one only now)."""
+    out = Path(out)
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    import dsv4
+
+    out: dict[str, str | None] = {"dsv4": dsv4.__version__, "python": sys.version.split()[0]}
+    for dist in _DEPENDENCIES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
+                   counts: dict, seconds: dict, weights_file: str) -> dict:
+    import torch
+
+    dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
+    graph_info = {}
+    for name, m in graphs.items():
+        ins, outs = signature(args, dtype, name)
+        graph_info[name] = {
+            "file": f"{name}.onnx",
+            "inputs": [s.to_json() for s in ins],
+            "outputs": [s.to_json() for s in outs],
+            "nodes": sum(1 for _ in m.graph),
+            "dsv4_nodes": dict(sorted(custom_ops.dsv4_nodes(m).items())),
+            "functions": sorted(f"{d}.{n}" for d, n, _ in m.functions),
+            "opset_imports": dict(sorted(m.opset_imports.items())),
+            "pass_counts": counts.get(name, {}),
+        }
+    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "target": target.name, "opset": target.opset, "domain": {"dsv4": custom_ops.DOMAIN_VERSION},
+        "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,
+        "source": source, "config": config, "graphs": graph_info,
+        "state": state_layout(args, dtype),
+        "dsv4_ops": sorted({op for g in graph_info.values() for op in g["dsv4_nodes"]}),
+        "tokenizer": "tokenizer.json" if (root / "tokenizer.json").is_file() else None,
+        "export_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "files": files, "versions": versions(),
+    }
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+def load_manifest(art: str | Path, verify: bool = True) -> dict:
+    """Read and check an artifact: required files present, hashes equal (unless verify=False), external-data
+    locations inside the directory. Raises ArtifactError naming the offending file."""
+    root = Path(art)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: not an artifact (no {MANIFEST})")
+    try:
+        man = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from e
+    if man.get("format") != FORMAT or man.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: format {man.get('format')!r} v{man.get('format_version')}, "
+                            f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    for rel, info in man["files"].items():
+        p = _inside(root, rel, MANIFEST)
+        if not p.is_file():
+            raise ArtifactError(f"{p}: missing (listed in {MANIFEST})")
+        if p.stat().st_size != info["bytes"]:
+            raise ArtifactError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} (hash mismatch)")
+        if verify and sha256(p) != info["sha256"]:
+            raise ArtifactError(f"{p}: sha256 hash mismatch with {MANIFEST}; the file was modified or corrupted")
+    for g in GRAPHS:
+        check_external_data(root, man["graphs"][g]["file"], set(man["files"]))
+    return man
+
+
+def _inside(root: Path, rel: str, where: str) -> Path:
+    """`root/rel` for a relative POSIX path with no '..', or ArtifactError."""
+    pp = PurePosixPath(rel)
+    if pp.is_absolute() or ".." in pp.parts or "\\" in rel or not rel:
+        raise ArtifactError(f"{root / where}: path {rel!r} escapes the artifact directory; refused")
+    return root / pp
+
+
+def check_external_data(root: Path, graph_file: str, listed: set[str]) -> None:
+    """Every external-data location of `graph_file` must be a listed file inside the artifact (no '..')."""
+    m = onnx.load(str(_inside(root, graph_file, MANIFEST)), load_external_data=False)
+    tensors = list(m.graph.initializer)
+    for node in m.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        _inside(root, loc, graph_file)
+        if loc not in listed:
+            raise ArtifactError(f"{root / graph_file}: initializer {t.name} points at {loc!r}, which is not a "
+                                f"file of the artifact")
+
+
+# ---- progress --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stage_printer(show: bool | None):
+    """``with stage_printer(None) as stage: with stage("trace decode"): ...``: a spinner per stage and a line
+    with its time when done (shown when `show`, or when stderr is a terminal if None)."""
+    if show is None:
+        show = sys.stderr.isatty() and not os.environ.get("DSV4_NO_PROGRESS")
+    if not show:
+        yield lambda name: contextlib.nullcontext()
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        t = time.perf_counter()
+        with console.status(f"[bold]{name}[/] ..."):
+            yield
+        console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t:.1f} s)[/]")
+
+    yield stage

@@ -1,0 +1,321 @@
+"""Checkpoint (or in-memory model) -> verified artifact: prefill.onnx + decode.onnx + one weights file + manifest.
+
+Stages (each reported by ``progress``):
+1. source: a checkpoint directory, an in-memory DeepseekV4, or a synthetic checkpoint built from a preset;
+2. skeleton: the model with meta parameters, packed where the source is packed (weights.py);
+3. trace each graph with ``torch.onnx.export(dynamo=True, optimize=False)`` and the registry's translation
+   table: every dsv4 op is ONE bare ``dsv4.*`` node; per-expert weights stacked into one initializer [E, ...];
+4. fold the traced graph's own constants (never the weights), attach the function bodies, optional passes;
+5. write the weights tensor by tensor into the shared file and bind both graphs' initializers to it;
+6. save, ``onnx.checker`` (full), manifest with sha256 of every file, atomic rename (artifact.py).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+import onnxscript
+import torch
+from torch import nn
+
+from dsv4.models.model import DeepseekV4
+from dsv4.models.state import init_state, state_entries
+
+from . import artifact, custom_ops
+from .signature import BATCH, INPUT_IDS, LENGTH, LOGITS, past, present
+from .targets import Target, get_target
+from .weights import CheckpointSource, ModuleSource, WeightsFile, resolve, skeleton
+
+WEIGHTS_FILE = "weights.data"
+PENDING = "<pending>"  # location of placeholder tensors until bind_weights points them at WEIGHTS_FILE
+Transform = Callable[[ir.Model, str, Target], dict]  # (model, graph name, target) -> per-pass counts
+
+
+class _Prefill(nn.Module):
+    """input_ids [B,T] from position 0 -> (logits, *state): the fresh state is built inside the graph."""
+
+    def __init__(self, model: DeepseekV4):
+        super().__init__()
+        self.model = model
+        self.names = [e.name for e in state_entries(model.args, model.dtype)]
+
+    def forward(self, input_ids):
+        state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
+        logits, new, _ = self.model.step(input_ids, state)
+        return (logits, *[new[n] for n in self.names])
+
+
+class _Decode(_Prefill):
+    """input_ids [B,1] + past state -> (logits, *present state)."""
+
+    def forward(self, input_ids, *past_state):
+        logits, new, _ = self.model.step(input_ids, dict(zip(self.names, past_state)))
+        return (logits, *[new[n] for n in self.names])
+
+
+def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
+    """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors)."""
+    args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
+    batch = torch.export.Dim(BATCH, min=1, max=4096)
+    if graph == "prefill":
+        wrapper, n = _Prefill(model), 7
+        example = (torch.zeros(2, n, dtype=torch.int64, device="meta"),)
+        dyn = ({0: batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
+        inputs = [INPUT_IDS]
+    else:
+        wrapper = _Decode(model)
+        state = init_state(args, 2, model.dtype, "meta")
+        example = (torch.zeros(2, 1, dtype=torch.int64, device="meta"), *[state[k] for k in names])
+        dyn = ({0: batch}, tuple({0: batch} for _ in names))  # forward(input_ids, *past_state)
+        inputs = [INPUT_IDS] + [past(k) for k in names]
+    prog = torch.onnx.export(
+        wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.opset,
+        custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
+        input_names=inputs, output_names=[LOGITS] + [present(k) for k in names], verbose=False)
+    m = prog.model
+    for v in list(m.graph.initializers.values()):  # "model.layers.0..." -> the official "layers.0..."
+        if v.name.startswith("model."):
+            m.graph.initializers.pop(v.name)
+            v.name = v.name[len("model."):]
+            m.graph.register_initializer(v)
+    m.graph.name = f"dsv4_{graph}"
+    m.producer_name, m.producer_version = "dsv4", _version()
+    return m
+
+
+_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(.*)$")
+
+
+def stack_experts(model: ir.Model) -> dict[str, list[str]]:
+    """Replace each Concat(Unsqueeze(experts.{e}.X) for e) emitted by the MoE translation with ONE initializer
+    ``experts.X`` [E, ...]; returns {stacked name: member names} for the weights writer."""
+    g, stacks = model.graph, {}
+    for node in list(g):
+        if node.op_type != "Concat" or not node.inputs:
+            continue
+        ups = [v.producer() for v in node.inputs]
+        if not all(u is not None and u.op_type == "Unsqueeze" for u in ups):
+            continue
+        members = [u.inputs[0] for u in ups]
+        keys = [_EXPERT.match(v.name or "") if v.is_initializer() else None for v in members]
+        if not all(keys) or [int(k.group(2)) for k in keys] != list(range(len(keys))):
+            continue
+        name = keys[0].group(1) + keys[0].group(3)
+        first = members[0]
+        shape = ir.Shape([len(members), *first.shape])
+        stacked = ir.Value(name=name, type=first.type, shape=shape)
+        nbytes = len(members) * first.const_value.nbytes
+        stacked.const_value = ir.ExternalTensor(PENDING, 0, nbytes, first.dtype, shape=shape, name=name)  # bound later
+        g.register_initializer(stacked)
+        node.outputs[0].replace_all_uses_with(stacked)
+        g.remove([node, *ups], safe=True)
+        for v in members:
+            if not v.uses():
+                g.initializers.pop(v.name)
+        stacks[name] = [v.name for v in members]
+    return stacks
+
+
+def fold_constants(model: ir.Model) -> None:
+    """Fold what the tracer left constant (shape arithmetic, Constant chains, the Hadamard matrix), drop dead
+    nodes, merge duplicates, without reading any weight: the initializers are hidden from the folder while it
+    runs (they hold meta tensors until bound). Folded values stay Constant nodes, never new initializers."""
+    g = model.graph
+    held = {name: v.const_value for name, v in g.initializers.items()}
+    for v in g.initializers.values():
+        v.const_value = None
+    try:
+        for _ in range(2):
+            if not onnxscript.optimizer.fold_constants(model).modified:
+                break
+            onnxscript.optimizer.remove_unused_nodes(model)
+        ir.passes.common.CommonSubexpressionEliminationPass()(model)
+        onnxscript.optimizer.remove_unused_nodes(model)
+    finally:
+        for name, v in g.initializers.items():
+            if name in held:
+                v.const_value = held[name]
+
+
+def softplus_for_double(model: ir.Model) -> int:
+    """ORT has no double Softplus kernel: rewrite Softplus(x) as torch computes it, Where(x > 20, x, Log(1 +
+    Exp(x))) (F.softplus's threshold 20), in fp64 graphs only. Returns the number of nodes rewritten."""
+    g, n = model.graph, 0
+    for node in list(g):
+        if node.op_type != "Softplus" or node.domain != "":
+            continue
+        x = node.inputs[0]
+        one = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(1.0))})
+        thr = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(20.0))})
+        ex = ir.node("Exp", [x])
+        add = ir.node("Add", [one.outputs[0], ex.outputs[0]])
+        log = ir.node("Log", [add.outputs[0]])
+        gt = ir.node("Greater", [x, thr.outputs[0]])
+        out = ir.node("Where", [gt.outputs[0], x, log.outputs[0]])
+        g.insert_before(node, [one, thr, ex, add, log, gt, out])
+        out.outputs[0].shape, out.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        node.outputs[0].replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
+        g.remove(node, safe=True)
+        n += 1
+    return n
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, model: DeepseekV4 | None = None,
+                    preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
+                    max_seq_len: int | None = None, quant_sim: bool | None = None, overwrite: bool = False,
+                    transform: Transform | None = None, progress: bool | None = None) -> ExportResult:
+    """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
+    preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
+
+    weights: "packed" (FP8/MXFP4 stay packed; dequantised in-graph) or "float32"/"float16"/"bfloat16"
+    (dequantised here). max_seq_len / quant_sim override the config. transform(model, graph, target), e.g.
+    ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
+    manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
+    """
+    if sum(x is not None for x in (checkpoint, model, preset)) != 1:
+        raise ValueError("export: give exactly one of checkpoint, model, preset")
+    tgt = get_target(target)
+    weights = weights or tgt.default_weights
+    if weights not in tgt.weights:
+        raise ValueError(f"--weights: {weights!r} is not one of {', '.join(tgt.weights)} for {tgt.name}")
+    overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
+    out = Path(out)
+    artifact.check_destination(out, overwrite)
+    seconds: dict[str, float] = {}
+    with ExitStack() as stack, artifact.stage_printer(progress) as stage:
+        t0 = time.perf_counter()
+        with stage("source"):
+            source_info: dict = {}
+            if preset is not None:
+                from dsv4.models.checkpoint_write import write_synthetic
+                from dsv4.models.config import preset as get_preset
+
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsv4-synth-")))
+                checkpoint = write_synthetic(get_preset(preset, **overrides), tmp / preset, seed=seed, progress=False)
+                source_info = {"kind": "synthetic", "preset": preset, "seed": seed}
+            if model is not None:
+                src = ModuleSource(model)
+                args = model.args.with_(**overrides)
+                source_info = {"kind": "model"}
+            else:
+                src = CheckpointSource(checkpoint, **overrides)
+                stack.callback(src.close)
+                args = src.args
+                source_info = source_info or {"kind": "checkpoint", "path": str(Path(checkpoint).resolve())}
+        seconds["source"] = time.perf_counter() - t0
+        with stage("skeleton"):
+            skel = skeleton(args, src, weights)
+            buffers = {n: b.clone() for n, b in skel.named_buffers()}  # real (RoPE tables); traced on meta
+            skel.to("meta")
+        graphs: dict[str, ir.Model] = {}
+        stacks: dict[str, list[str]] = {}
+        counts: dict[str, dict] = {}
+        for graph in ("prefill", "decode"):
+            t = time.perf_counter()
+            with stage(f"trace {graph}"):
+                m = trace(skel, graph, tgt)
+            seconds[f"trace {graph}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with stage(f"fold + functions {graph}"):
+                stacks.update(stack_experts(m))
+                fold_constants(m)
+                custom_ops.attach_functions(m, "float64" if weights == "float64" else "float32")
+                if weights == "float64":
+                    softplus_for_double(m)
+                if transform is not None:
+                    counts[graph] = transform(m, graph, tgt)
+                graphs[graph] = m
+            seconds[f"fold {graph}"] = time.perf_counter() - t
+        with artifact.writing(out, overwrite) as tmp:
+            t = time.perf_counter()
+            with stage("weights"):
+                bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE)
+            seconds["weights"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with stage("save + check"):
+                for graph, m in graphs.items():
+                    path = tmp / f"{graph}.onnx"
+                    onnx.save(ir.serde.serialize_model(m), path)
+                    onnx.checker.check_model(str(path), full_check=True)
+                if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
+                    shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
+            seconds["save"] = time.perf_counter() - t
+            seconds["total"] = time.perf_counter() - t0
+            manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
+                                               WEIGHTS_FILE)
+            artifact.write_manifest(tmp, manifest)
+    return ExportResult(out, manifest, seconds)
+
+
+def bind_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor],
+                 stacks: dict[str, list[str]], path: Path) -> None:
+    """Write every initializer of the graphs once into `path` and point both graphs at it."""
+    wanted: dict[str, ir.Value] = {}
+    for m in graphs.values():
+        for name, v in m.graph.initializers.items():
+            wanted.setdefault(name, v)
+    wf = WeightsFile(path)
+    locs: dict[str, tuple[int, int]] = {}
+    try:
+        for name, v in wanted.items():
+            shape = tuple(int(d) for d in v.shape)
+            if name in stacks:
+                parts = (resolve(source, n, v.dtype, shape[1:]) for n in stacks[name])
+            elif name in source:
+                parts = iter([resolve(source, name, v.dtype, shape)])
+            elif name in buffers:
+                parts = iter([buffers[name].to(_torch(v.dtype)).contiguous()])
+            elif _real(v.const_value):
+                continue  # a small constant the exporter lifted (e.g. a scalar): stays inside the .onnx file
+            else:
+                raise ValueError(f"weights: no data for initializer {name} (neither in the source nor a buffer)")
+            locs[name] = wf.append(parts)
+    finally:
+        wf.close()
+    for m in graphs.values():
+        for name, v in m.graph.initializers.items():
+            if name not in locs:
+                continue
+            off, length = locs[name]
+            v.const_value = ir.ExternalTensor(path.name, off, length, v.dtype, shape=v.shape, name=name,
+                                              base_dir=path.parent)
+
+
+def _real(t) -> bool:
+    """Whether an initializer's value holds data (not a meta/fake placeholder nor a pending external one)."""
+    if t is None or isinstance(t, ir.ExternalTensor):
+        return False
+    raw = getattr(t, "raw", None)
+    return not (isinstance(raw, torch.Tensor) and (raw.is_meta or type(raw).__name__ == "FakeTensor"))
+
+
+def _torch(dt: ir.DataType) -> torch.dtype:
+    from .weights import _torch_dtype
+
+    return _torch_dtype(dt)
+
+
+def _version() -> str:
+    import dsv4
+
+    return dsv4.__version__
+
+

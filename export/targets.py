@@ -1,0 +1,43 @@
+"""The target table: one row per back end an artifact is exported for, read by every stage (DESIGN.md "Targets").
+
+The ai.onnx opset is pinned per target and never left to onnx's default (28, which ONNX Runtime rejects):
+ORT 1.31/1.32 accept up to 26; 23 is the opset whose standard RMSNormalization / RotaryEmbedding / Attention
+the onnxscript fusions target, and the FP8 rounding (Cast to FLOAT8E4M3FN) needs at least 19.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WEIGHT_MODES = ("packed", "float32", "float16", "bfloat16", "float64")  # float64: exactness tests
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    runtime: str  # "ort" or "tvm": which runtimes/ package runs it
+    opset: int  # ai.onnx opset of both graphs and of the attached function bodies
+    providers: tuple[str, ...]  # ONNX Runtime execution providers, in preference order (ORT targets)
+    weights: tuple[str, ...]  # accepted --weights modes; the first is the default
+    dynamic: bool  # batch and prefill length dynamic (else: exported per static bucket)
+    note: str
+
+    @property
+    def default_weights(self) -> str:
+        return self.weights[0]
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("ort-cpu", "ort", 23, ("CPUExecutionProvider",), WEIGHT_MODES, True,
+           "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)"),
+    Target("ort-cuda", "ort", 23, ("CUDAExecutionProvider", "CPUExecutionProvider"), WEIGHT_MODES, True,
+           "ONNX Runtime CUDA EP (onnxruntime-gpu); bodies until contrib-op mappings land"),
+    Target("tvm-llvm", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, llvm"),
+    Target("tvm-cuda", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, CUDA code generation"),
+)}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ValueError(f"target: unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]

@@ -1,0 +1,159 @@
+"""Weights outside the tracer: where each tensor comes from, the meta skeleton that is traced, and the ONE
+external-data file both graphs share, written tensor by tensor (DESIGN.md "Artifacts").
+
+A source is an in-memory DeepseekV4 (``ModuleSource``) or a checkpoint directory (``CheckpointSource``, read
+lazily through models/checkpoint.py). Either may hold FP8/MXFP4 projections packed (uint8 bytes + E8M0
+scales) or as floats. The skeleton mirrors the source: a projection stored packed is traced packed unless
+``--weights`` asks for floats, in which case it is dequantised here, tensor by tensor, while writing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from dsv4.models import quant
+from dsv4.models.checkpoint import Checkpoint, parameters_on_meta, validate
+from dsv4.models.config import FP4_BLOCK, FP8_BLOCK, ModelArgs
+from dsv4.models.model import DeepseekV4, Linear
+
+ALIGN = 64  # byte alignment of every tensor in the weights file
+_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_PACKED_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4"}
+
+
+class ModuleSource:
+    """Tensors of an in-memory DeepseekV4 under their official names (packed Linears as uint8 + scale)."""
+
+    def __init__(self, model: DeepseekV4):
+        self.model, self.args = model, model.args
+        self._tensors = dict(model.named_official_tensors())
+        self._fmt = {f"{n}.weight": m.fmt for n, m in model.named_modules() if isinstance(m, Linear) and m.packed}
+
+    def packed(self, name: str) -> str | None:
+        """"fp8" / "fp4" when `name` (a ``*.weight``) is stored packed, else None."""
+        return self._fmt.get(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self._tensors[name].detach()
+        return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu) else t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointSource:
+    """Tensors of an official-format checkpoint directory, validated first, read one at a time."""
+
+    def __init__(self, path: str | Path, **overrides):
+        from dsv4.models.checkpoint import CheckpointError
+
+        self.ck = Checkpoint(path)
+        rep = validate(self.ck, **overrides)
+        if not rep.ok:
+            raise CheckpointError(self.ck.path, rep.problems)
+        self.args: ModelArgs = rep.args
+
+    def packed(self, name: str) -> str | None:
+        t = self.ck.tensors.get(name)
+        return _PACKED_DTYPES.get(t.dtype) if t is not None and name.endswith(".weight") else None
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.ck.read(name)
+        return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int8) else t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ck.tensors
+
+    def close(self) -> None:
+        self.ck.close()
+
+
+def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
+    """The model that is traced: parameters on the meta device (buffers real), packed where the source is
+    packed and `weights` is "packed"; in float modes every parameter is float of that dtype."""
+    dtype = torch.float32 if weights == "packed" else _FLOAT[weights]
+    with parameters_on_meta():
+        model = DeepseekV4(args, dtype)
+    if weights != "packed":
+        return model
+    for name, mod in model.named_modules():
+        if not isinstance(mod, Linear) or mod.fmt not in ("fp8", "fp4"):
+            continue
+        fmt = source.packed(f"{name}.weight")
+        if fmt is None:
+            continue
+        o, i = mod.out_features, mod.in_features
+        meta = {"device": "meta", "dtype": torch.uint8}
+        if fmt == "fp8":
+            mod.set_packed(torch.empty(o, i, **meta), torch.empty(-(-o // FP8_BLOCK), -(-i // FP8_BLOCK), **meta))
+        else:
+            mod.set_packed(torch.empty(o, i // 2, **meta), torch.empty(o, i // FP4_BLOCK, **meta))
+    return model
+
+
+def resolve(source, name: str, want: ir.DataType, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor `name` from `source` as the graph wants it (dtype `want`, `shape`); dequantises packed
+    weights when the graph wants floats. Raises ValueError naming the tensor on any mismatch."""
+    if name not in source:
+        raise ValueError(f"weights: {name} is not in the source")
+    t = source.read(name)
+    fmt = source.packed(name)
+    if want == ir.DataType.UINT8:
+        if t.dtype != torch.uint8:
+            raise ValueError(f"weights: {name} is {t.dtype} in the source; the graph wants packed uint8")
+    elif fmt is not None:
+        scale = source.read(name[: -len("weight")] + "scale")
+        t = (quant.fp8_block_dequant if fmt == "fp8" else quant.mxfp4_dequant)(t, scale)
+    t = t.to(_torch_dtype(want))
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"weights: {name} has shape {list(t.shape)} in the source; the graph wants {list(shape)}")
+    return t.contiguous()
+
+
+def _torch_dtype(dt: ir.DataType) -> torch.dtype:
+    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+            ir.DataType.INT64: torch.int64, ir.DataType.UINT8: torch.uint8, ir.DataType.INT32: torch.int32,
+            ir.DataType.BOOL: torch.bool, ir.DataType.DOUBLE: torch.float64}[dt]
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian raw bytes of `t` (bf16 via its int16 view: numpy has no bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return np.ascontiguousarray(t.numpy()).tobytes()
+
+
+class WeightsFile:
+    """Append-only writer of the shared external-data file; every tensor starts on an ALIGN boundary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self.offset = 0
+
+    def append(self, parts: Iterable[torch.Tensor]) -> tuple[int, int]:
+        """Write the parts back to back (a stacked tensor is its members in order); returns (offset, length)."""
+        pad = -self.offset % ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        for t in parts:
+            b = tensor_bytes(t)
+            self._f.write(b)
+            self.offset += len(b)
+        return start, self.offset - start
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
