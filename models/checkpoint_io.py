@@ -280,7 +280,11 @@ def check_finite(ck: Checkpoint, progress: bool | None = None) -> list[Problem]:
     out = []
     todo = [t for t in ck.tensors.values() if t.dtype in FLOATS + ("F64", "F8_E4M3", "F8_E8M0")]
     with progress_bar(progress, "checking values", sum(t.nbytes for t in todo)) as advance:
+        prev = None
         for t in sorted(todo, key=lambda t: t.file):
+            if t.file != prev:  # release the previous shard's mapping: resident pages stay bounded by one shard
+                ck.close()
+                prev = t.file
             rows = max(1, (1 << 26) // max(1, t.nbytes // max(1, t.shape[0] if t.shape else 1)))
             bad, first = 0, None
             for r0 in range(0, t.shape[0] if t.shape else 1, rows):
