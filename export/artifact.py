@@ -197,3 +197,56 @@ def stage_printer(show: bool | None):
         console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t:.1f} s)[/]")
 
     yield stage
+
+
+# ---- inspection ----------------------------------------------------------------------------------------------
+def inspect_artifact(art: str | Path, verify: bool = False) -> dict:
+    """What ``dsv4 inspect`` shows: per graph the op histogram (as stored, and with the dsv4 function bodies
+    inlined = what ONNX Runtime executes), dsv4 ops, state bytes per token and weights by dtype."""
+    import onnx.inliner
+
+    root = Path(art)
+    man = load_manifest(root, verify=verify)
+    out: dict = {"target": man["target"], "weights": man["weights"], "graphs": {}}
+    weights: dict[str, dict[str, int]] = {}
+    seen: set[str] = set()
+    for g, info in man["graphs"].items():
+        m = onnx.load(str(root / info["file"]), load_external_data=False)
+        hist = _histogram(m.graph.node)
+        inl = _histogram(onnx.inliner.inline_local_functions(m).graph.node)
+        out["graphs"][g] = {"nodes": sum(hist.values()), "ops": hist, "inlined_nodes": sum(inl.values()),
+                            "inlined_ops": inl, "dsv4": {k[5:]: v for k, v in hist.items() if k.startswith("dsv4.")}}
+        for t in m.graph.initializer:
+            if t.name in seen or t.data_location != onnx.TensorProto.EXTERNAL:
+                continue  # constants stored inside the graph file are not weights
+            seen.add(t.name)
+            dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+            n = 1
+            for d in t.dims:
+                n *= d
+            w = weights.setdefault(dt, {"tensors": 0, "elements": 0, "bytes": 0})
+            w["tensors"] += 1
+            w["elements"] += n
+            w["bytes"] += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    out["weights_by_dtype"] = dict(sorted(weights.items()))
+    cap = man["config"]["max_seq_len"]
+    per_tok = fixed = 0.0
+    for e in man["state"]:
+        n = 1
+        for d in e["shape"][1:]:
+            n *= d
+        b = n * {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}[e["dtype"]]
+        if e["per_token"]:
+            per_tok += b / cap
+        else:
+            fixed += b
+    out["state"] = {"bytes_per_token": per_tok, "fixed_bytes_per_sequence": fixed, "max_seq_len": cap,
+                    "entries": len(man["state"])}
+    return out
+
+
+def _histogram(nodes) -> dict[str, int]:
+    from collections import Counter
+
+    c = Counter(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in nodes)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))

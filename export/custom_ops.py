@@ -47,6 +47,7 @@ class OpRow:
     tvm: str = "inline"
     optional: tuple[str, ...] = field(default=())  # inputs that may be omitted
     doc: str = ""
+    sample: str = ""  # import string of its sample inputs (export/op_samples.py), for the registry tests
 
     @property
     def body(self) -> onnxscript.OnnxFunction:
@@ -81,36 +82,45 @@ def load(path: str):
 _F, _I64, _U8 = "tensor(float)", "tensor(int64)", "tensor(uint8)"
 _DTYPES = {_F: ir.DataType.FLOAT, _I64: ir.DataType.INT64, _U8: ir.DataType.UINT8}
 _K = "dsv4.models.kernels:"
+_S = "dsv4.export.op_samples:"
 _TVM = "dsv4.runtimes.tvm.lowerings:"  # TVM faces: runtimes/tvm/lowerings.py
 
 REGISTRY: tuple[OpRow, ...] = (
     OpRow("SparseAttn", "dsv4.export.custom_ops:sparse_attn_reference", "dsv4::sparse_attn",
           (("q", "T"), ("kv", "T"), ("sink", "F"), ("idx", _I64), ("scale", "F")), (("o", "T"),),
-          tvm=_TVM + "sparse_attn", doc="attention over selected rows of a shared K=V bank with a per-head sink logit; scale is a scalar "
+          tvm=_TVM + "sparse_attn", sample=_S + "sample_sparse_attn",
+          doc="attention over selected rows of a shared K=V bank with a per-head sink logit; scale is a scalar "
               "tensor (exact in fp64 models)"),
     OpRow("IndexerTopK", _K + "indexer_topk", "dsv4::indexer_topk",
           (("q", "T"), ("k", "T"), ("w", "T"), ("n_visible", _I64)), (("idx", _I64),), (("top_k", _A.INT),),
-          doc="lightning-indexer scores and exactly top_k indices, -1 padded"),
+          sample=_S + "sample_indexer_topk", doc="lightning-indexer scores and exactly top_k indices, -1 padded"),
     OpRow("Compress", _K + "compress", "dsv4::compress",
           (("kv", "F"), ("score", "F"), ("prev_kv", "F"), ("prev_score", "F")), (("entries", "F"),),
-          (("overlap", _A.INT),), tvm=_TVM + "compress", doc="gated softmax pooling of m-token blocks (overlapping halves when overlap=1)"),
+          (("overlap", _A.INT),), tvm=_TVM + "compress", sample=_S + "sample_compress",
+          doc="gated softmax pooling of m-token blocks (overlapping halves when overlap=1)"),
     OpRow("HcSplitSinkhorn", _K + "hc_split_sinkhorn", "dsv4::hc_split_sinkhorn",
           (("mixes", "F"), ("scale", "F"), ("base", "F")), (("pre", "F"), ("post", "F"), ("comb", "F")),
           (("hc_mult", _A.INT), ("iters", _A.INT), ("eps", _A.FLOAT)),
-          tvm=_TVM + "hc_split_sinkhorn", doc="mHC pre/post weights and the Sinkhorn-normalised comb matrix"),
+          tvm=_TVM + "hc_split_sinkhorn", sample=_S + "sample_hc_split_sinkhorn",
+          doc="mHC pre/post weights and the Sinkhorn-normalised comb matrix"),
     OpRow("Fp8Linear", _K + "fp8_linear", "dsv4::fp8_linear", (("x", "T"), ("weight", _U8), ("scale", _U8)),
-          (("y", "T"),), tvm=_TVM + "fp8_linear", doc="x @ dequant(FP8 e4m3 weight with E8M0 128x128 tile scales)^T"),
+          (("y", "T"),), tvm=_TVM + "fp8_linear", sample=_S + "sample_fp8_linear",
+          doc="x @ dequant(FP8 e4m3 weight with E8M0 128x128 tile scales)^T"),
     OpRow("Mxfp4Linear", _K + "mxfp4_linear", "dsv4::mxfp4_linear", (("x", "T"), ("weight", _U8), ("scale", _U8)),
-          (("y", "T"),), tvm=_TVM + "mxfp4_linear", doc="x @ dequant(MXFP4 weight, E8M0 scales per 32)^T"),
+          (("y", "T"),), tvm=_TVM + "mxfp4_linear", sample=_S + "sample_mxfp4_linear",
+          doc="x @ dequant(MXFP4 weight, E8M0 scales per 32)^T"),
     OpRow("Fp8Dequant", _K + "fp8_dequant", "dsv4::fp8_dequant", (("weight", _U8), ("scale", _U8)),
-          (("w", _F),), tvm=_TVM + "fp8_dequant", doc="FP8 e4m3 bytes + E8M0 tile scales -> fp32 (leading batch dims allowed)"),
+          (("w", _F),), tvm=_TVM + "fp8_dequant", sample=_S + "sample_fp8_dequant",
+          doc="FP8 e4m3 bytes + E8M0 tile scales -> fp32 (leading batch dims allowed)"),
     OpRow("Mxfp4Dequant", _K + "mxfp4_dequant", "dsv4::mxfp4_dequant", (("weight", _U8), ("scale", _U8)),
-          (("w", _F),), tvm=_TVM + "mxfp4_dequant", doc="packed e2m1 + E8M0 scales -> fp32 (leading batch dims allowed)"),
+          (("w", _F),), tvm=_TVM + "mxfp4_dequant", sample=_S + "sample_mxfp4_dequant",
+          doc="packed e2m1 + E8M0 scales -> fp32 (leading batch dims allowed)"),
     OpRow("Fp8ActQdq", "dsv4.export.custom_ops:fp8_act_qdq_reference", None, (("x", "T"), ("block", _I64)),
-          (("y", "T"),), doc="FP8 activation quantise/dequantise per block (used inside MoEExperts)"),
+          (("y", "T"),), sample=_S + "sample_fp8_act_qdq",
+          doc="FP8 activation quantise/dequantise per block (used inside MoEExperts)"),
     OpRow("MoEExperts", "dsv4.export.custom_ops:moe_experts_reference", "dsv4::moe_experts",
           (("x", "T"), ("weights", "F"), ("idx", _I64), ("w1", "T"), ("w2", "T"), ("w3", "T")), (("y", "F"),),
-          (("swiglu_limit", _A.FLOAT), ("act_quant", _A.INT)),
+          (("swiglu_limit", _A.FLOAT), ("act_quant", _A.INT)), sample=_S + "sample_moe_experts",
           doc="routed SwiGLU experts of one MoE layer over stacked float expert weights [E, out, in]"),
 )
 ROWS: dict[str, OpRow] = {r.name: r for r in REGISTRY}

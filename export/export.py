@@ -89,6 +89,8 @@ def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
             m.graph.initializers.pop(v.name)
             v.name = v.name[len("model."):]
             m.graph.register_initializer(v)
+    for node in ir.traversal.RecursiveGraphIterator(m.graph):  # keep the module scopes, drop the big stack traces
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     m.graph.name = f"dsv4_{graph}"
     m.producer_name, m.producer_version = "dsv4", _version()
     return m
@@ -132,9 +134,9 @@ def fold_constants(model: ir.Model) -> None:
     nodes, merge duplicates, without reading any weight: the initializers are hidden from the folder while it
     runs (they hold meta tensors until bound). Folded values stay Constant nodes, never new initializers."""
     g = model.graph
-    held = {name: v.const_value for name, v in g.initializers.items()}
-    for v in g.initializers.values():
-        v.const_value = None
+    held = {name: v.const_value for name, v in g.initializers.items() if not _real(v.const_value)}
+    for name in held:
+        g.initializers[name].const_value = None
     try:
         for _ in range(2):
             if not onnxscript.optimizer.fold_constants(model).modified:

@@ -1,0 +1,44 @@
+"""``Generator(ART, providers=None)``: an artifact run by ONNX Runtime, state threaded through the decode graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dsv4.export.signature import INPUT_IDS, past, present
+from dsv4.runtimes.base import Generator as _Base
+
+from .session import load_sessions
+
+
+class Generator(_Base):
+    """prefill / step / generate on an artifact directory (see runtimes/base.py for the contract).
+
+    providers: ORT execution providers (default: the artifact's target). optimization: "all" (default),
+    "extended", "basic" or "disable". threads / spinning: see session.session_options.
+    """
+
+    def __init__(self, art: str | Path, providers: list[str] | None = None, optimization: str = "all",
+                 threads: int | None = None, spinning: bool = False, verify: bool = True):
+        super().__init__()
+        self.art = Path(art)
+        self.manifest, self.sessions = load_sessions(art, providers, optimization, threads, spinning, verify)
+        cfg = self.manifest["config"]
+        self.vocab_size, self.max_seq_len = int(cfg["vocab_size"]), int(cfg["max_seq_len"])
+        self.names = [e["name"] for e in self.manifest["state"]]
+        self.providers = self.sessions["decode"].get_providers()
+
+    def _state(self, outputs: list[np.ndarray], session) -> dict[str, np.ndarray]:
+        by_name = dict(zip((o.name for o in session.get_outputs()), outputs))
+        return {n: by_name[present(n)] for n in self.names}
+
+    def _run_prefill(self, ids):
+        s = self.sessions["prefill"]
+        out = s.run(None, {INPUT_IDS: ids})
+        return out[0], self._state(out, s)
+
+    def _run_decode(self, ids, state):
+        s = self.sessions["decode"]
+        out = s.run(None, {INPUT_IDS: ids, **{past(n): state[n] for n in self.names}})
+        return out[0], self._state(out, s)

@@ -1,0 +1,72 @@
+"""``dsv4 export``: a checkpoint directory (or a synthetic preset) -> an artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from dsv4.export.targets import TARGETS, WEIGHT_MODES
+
+    p = sub.add_parser("export", help="export prefill.onnx + decode.onnx + weights + manifest for a target")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (official format); or use --preset")
+    p.add_argument("--preset", help="build a synthetic checkpoint of this preset on the fly (tiny, small, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic checkpoint (with --preset)")
+    p.add_argument("--target", default="ort-cpu", choices=sorted(TARGETS))
+    p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--max-seq-len", type=int, default=None, help="decode-state capacity (default: the config's)")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=None,
+                   help="packed (default: FP8/FP4 stay packed, dequantised in-graph) or a float dtype")
+    p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulation")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dsv4.export.export import export_artifact
+
+    if (a.checkpoint is None) == (a.preset is None):
+        raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
+    res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
+                          weights=a.weights, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
+                          overwrite=a.force, transform=_pipeline(), progress=None if not a.no_progress else False)
+    Console().print(summary(res.manifest, res.path))
+    return 0
+
+
+def _pipeline():
+    """The target's pass pipeline (issue [4]) when passes/pipeline.py provides ``run``; else none."""
+    try:
+        from dsv4.passes.pipeline import run
+    except ImportError:
+        return None
+    return lambda model, graph, target: run(model, target.name)
+
+
+def summary(man: dict, path) -> object:
+    """The end-of-export table: graphs, node counts, dsv4 ops, sizes, time."""
+    from rich.table import Table
+
+    t = Table(title=f"{path}  ·  target {man['target']} (opset {man['opset']})  ·  weights {man['weights']}  ·  "
+              f"{man['export_seconds'].get('total', 0):.1f} s")
+    for c in ("graph", "nodes", "dsv4 nodes", "functions", "file", "time"):
+        t.add_column(c, justify="right" if c in ("nodes", "file", "time") else "left")
+    for g, info in man["graphs"].items():
+        ops = ", ".join(f"{k}×{v}" for k, v in info["dsv4_nodes"].items())
+        secs = man["export_seconds"].get(f"trace {g}", 0) + man["export_seconds"].get(f"fold {g}", 0)
+        t.add_row(g, str(info["nodes"]), ops, str(len(info["functions"])), _size(man["files"][info["file"]]["bytes"]),
+                  f"{secs:.1f} s")
+    w = man["files"][man["weights_file"]]["bytes"]
+    t.add_row("weights", "", "", "", _size(w), f"{man['export_seconds'].get('weights', 0):.1f} s")
+    return t
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,66 @@
+"""``dsv4 generate ART --prompt-ids 1,2,3 --max-new-tokens N`` (or ``--prompt TEXT`` with a tokenizer.json)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate tokens with an artifact (ONNX Runtime)")
+    p.add_argument("artifact")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates sequences of a batch")
+    g.add_argument("--prompt", help="text (needs the tokenizer.json the checkpoint shipped, and `tokenizers`)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--providers", help="comma-separated ONNX Runtime execution providers")
+    p.set_defaults(func=run)
+
+
+def parse_ids(s: str) -> list[list[int]]:
+    try:
+        rows = [[int(t) for t in row.split(",") if t.strip()] for row in s.split(";")]
+    except ValueError as e:
+        raise ValueError(f"--prompt-ids: expected comma-separated integers, got {s!r}") from e
+    if not rows or any(not r for r in rows) or len({len(r) for r in rows}) != 1:
+        raise ValueError("--prompt-ids: every sequence needs the same, non-zero number of ids")
+    return rows
+
+
+def run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dsv4.runtimes.ort import Generator
+
+    gen = Generator(a.artifact, providers=a.providers.split(",") if a.providers else None)
+    tok = None
+    if a.prompt is not None:
+        tok = _tokenizer(gen)
+        ids = [tok.encode(a.prompt).ids]
+    else:
+        ids = parse_ids(a.prompt_ids)
+    out = []
+    for t in gen.generate(np.array(ids, dtype=np.int64), a.max_new_tokens, a.temperature, a.top_p, a.seed):
+        out.append(t)
+        if tok is None:
+            print(" ".join(str(int(v)) for v in t), flush=True)
+        else:
+            sys.stdout.write(tok.decode([int(t[0])]))
+            sys.stdout.flush()
+    if tok is not None:
+        print()
+    return 0
+
+
+def _tokenizer(gen):
+    man = gen.manifest
+    if not man.get("tokenizer"):
+        raise ValueError("--prompt: the artifact has no tokenizer.json (its checkpoint shipped none); use --prompt-ids")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ValueError("--prompt: needs the `tokenizers` package (pip install 'dsv4[tokenizer]')") from e
+    return Tokenizer.from_file(str(gen.art / man["tokenizer"]))

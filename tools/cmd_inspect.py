@@ -1,0 +1,51 @@
+"""``dsv4 inspect ART``: op histogram per graph, dsv4 ops, state bytes per token, weights by dtype."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="what an artifact holds: ops per graph, dsv4 ops, state and weight sizes")
+    p.add_argument("artifact")
+    p.add_argument("--top", type=int, default=15, help="op types shown per graph")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dsv4.export.artifact import inspect_artifact
+
+    info = inspect_artifact(a.artifact, verify=a.verify)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    con = Console()
+    for g, gi in info["graphs"].items():
+        t = Table(title=f"{g}: {gi['nodes']} nodes stored, {gi['inlined_nodes']} with the dsv4 bodies inlined")
+        t.add_column("op (stored)")
+        t.add_column("count", justify="right")
+        t.add_column("op (inlined)")
+        t.add_column("count", justify="right")
+        a_ops, b_ops = list(gi["ops"].items())[: a.top], list(gi["inlined_ops"].items())[: a.top]
+        for i in range(max(len(a_ops), len(b_ops))):
+            x = a_ops[i] if i < len(a_ops) else ("", "")
+            y = b_ops[i] if i < len(b_ops) else ("", "")
+            t.add_row(x[0], str(x[1]), y[0], str(y[1]))
+        con.print(t)
+        con.print("dsv4 ops: " + ", ".join(f"{k}×{v}" for k, v in gi["dsv4"].items()))
+    s = info["state"]
+    con.print(f"state: {s['bytes_per_token']:,.1f} bytes/token (compressed caches at max_seq_len={s['max_seq_len']}) "
+              f"+ {s['fixed_bytes_per_sequence']:,.0f} fixed bytes per sequence, {s['entries']} tensors")
+    w = Table(title=f"weights ({info['weights']})")
+    for c in ("dtype", "tensors", "elements", "bytes"):
+        w.add_column(c, justify="right" if c != "dtype" else "left")
+    for dt, d in info["weights_by_dtype"].items():
+        w.add_row(dt, str(d["tensors"]), f"{d['elements']:,}", f"{d['bytes']:,}")
+    con.print(w)
+    return 0

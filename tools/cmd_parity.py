@@ -1,0 +1,34 @@
+"""``dsv4 parity ART``: the artifact against the eager model; exit 1 when anything is out of tolerance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("parity", help="compare an artifact with the eager model (tolerances: runtimes/parity.py)")
+    p.add_argument("artifact")
+    p.add_argument("--checkpoint", help="checkpoint directory of the eager model (default: the manifest's source)")
+    p.add_argument("--steps", type=int, default=64, help="greedy decode steps after the prefill")
+    p.add_argument("--prompt-len", type=int, default=300)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument("--optimization", default="all", choices=("all", "extended", "basic", "disable"),
+                   help="ONNX Runtime graph optimization level")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dsv4.runtimes.parity import render, run_parity
+
+    rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
+                     seed=a.seed, optimization=a.optimization)
+    if a.json:
+        print(json.dumps(rep.to_json(), indent=2, default=float))
+    else:
+        Console().print(render(rep))
+    return 0 if rep.ok else 1
