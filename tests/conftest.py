@@ -7,6 +7,11 @@ import torch
 
 from dsv4.models import DeepseekV4, init_random_, preset
 
+# The test models are tiny: one intra-op thread is faster than two, and it cannot fight ONNX Runtime's own
+# thread pool (or another process) for the 2 cores — with 2 threads the token-by-token loops ran 30x slower
+# whenever the other core was busy.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_args():
@@ -32,3 +37,48 @@ def tiny_checkpoint(tmp_path_factory):
 
     return write_synthetic(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, shard_size="256KB",
                            progress=False)
+
+
+# ---- exported artifacts (export/, runtimes/): one export is 30-90 s on 2 cores, so they are shared ---------
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory):
+    """tiny exported from the synthetic checkpoint as shipped: FP8/MXFP4 packed, quant_sim on, fp32, ort-cpu;
+    max_seq_len 1024 (the preset's; a checkpoint's config.json does not carry it)."""
+    from dsv4.export.export import export_artifact
+
+    return export_artifact(tmp_path_factory.mktemp("art") / "tiny", checkpoint=tiny_checkpoint, max_seq_len=1024,
+                           progress=False).path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_f32(tiny_checkpoint, tmp_path_factory):
+    """tiny from the same checkpoint with --weights float32 and the quantisation simulation off."""
+    from dsv4.export.export import export_artifact
+
+    return export_artifact(tmp_path_factory.mktemp("art") / "tiny_f32", checkpoint=tiny_checkpoint, max_seq_len=1024,
+                           weights="float32", quant_sim=False, progress=False).path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_f64(tiny_model_f64, tmp_path_factory):
+    """tiny_model_f64 (fp64, quant_sim on) exported from memory with float64 weights: the exactness artifact."""
+    from dsv4.export.export import export_artifact
+
+    return export_artifact(tmp_path_factory.mktemp("art") / "tiny_f64", model=tiny_model_f64, weights="float64",
+                           progress=False).path
+
+
+@pytest.fixture(scope="session")
+def tiny_eager_packed(tiny_checkpoint):
+    """The eager model tiny_artifact was exported from (packed weights, quant_sim on)."""
+    from dsv4.models.checkpoint import load_model
+
+    return load_model(tiny_checkpoint, keep_quantized=True, max_seq_len=1024, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_eager_f32(tiny_checkpoint):
+    """The eager model of tiny_artifact_f32 (weights dequantised at load, quant_sim off)."""
+    from dsv4.models.checkpoint import load_model
+
+    return load_model(tiny_checkpoint, keep_quantized=False, quant_sim=False, max_seq_len=1024, progress=False)
