@@ -56,6 +56,11 @@ class OpRow:
     def eager_fn(self) -> Callable:
         return load(self.eager)
 
+    def computes_in_type(self) -> bool:
+        """Whether the body follows its inputs' precision (fp64 models retype it); rows with only fixed output
+        types (the dequants: always fp32, exact) keep fp32."""
+        return any(t in ("T", "F") for _, t in self.outputs)
+
     def _uses(self, var: str) -> bool:
         return any(t == var for _, t in self.inputs + self.outputs)
 
@@ -277,7 +282,7 @@ def attach_functions(model: ir.Model, compute: str = "float32") -> list[str]:
         if name not in ROWS:
             raise KeyError(f"dsv4.{name}: no registry row (export/custom_ops.py)")
         proto = ROWS[name].body.to_function_proto()
-        if compute == "float64":
+        if compute == "float64" and ROWS[name].computes_in_type():
             _to_double(proto.node)
         callees = _callees(proto.node)
         for imp in proto.opset_import:

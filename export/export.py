@@ -12,10 +12,14 @@ Stages (each reported by ``progress``):
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -64,6 +68,22 @@ class _Decode(_Prefill):
         return (logits, *[new[n] for n in self.names])
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's progress prints and its warnings about unrelated packages (torchvision) off."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
     """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors)."""
     args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
@@ -79,10 +99,11 @@ def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
         example = (torch.zeros(2, 1, dtype=torch.int64, device="meta"), *[state[k] for k in names])
         dyn = ({0: batch}, tuple({0: batch} for _ in names))  # forward(input_ids, *past_state)
         inputs = [INPUT_IDS] + [past(k) for k in names]
-    prog = torch.onnx.export(
-        wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.opset,
-        custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
-        input_names=inputs, output_names=[LOGITS] + [present(k) for k in names], verbose=False)
+    with _quiet():
+        prog = torch.onnx.export(
+            wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.opset,
+            custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
+            input_names=inputs, output_names=[LOGITS] + [present(k) for k in names], verbose=False)
     m = prog.model
     for v in list(m.graph.initializers.values()):  # "model.layers.0..." -> the official "layers.0..."
         if v.name.startswith("model."):
@@ -211,7 +232,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                 from dsv4.models.config import preset as get_preset
 
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsv4-synth-")))
-                checkpoint = write_synthetic(get_preset(preset, **overrides), tmp / preset, seed=seed, progress=False)
+                pargs = get_preset(preset, **overrides)
+                overrides.setdefault("max_seq_len", pargs.max_seq_len)  # config.json does not carry it
+                checkpoint = write_synthetic(pargs, tmp / preset, seed=seed, progress=False)
                 source_info = {"kind": "synthetic", "preset": preset, "seed": seed}
             if model is not None:
                 src = ModuleSource(model)

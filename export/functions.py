@@ -77,15 +77,17 @@ def Mxfp4Dequant(weight, scale):
 @onnxscript.script(dsv4, default_opset=op)
 def Fp8Linear(x, weight, scale):
     """x [..., I] @ Fp8Dequant(weight, scale)^T in fp32, cast back to x's type."""
-    w = dsv4.Fp8Dequant(weight, scale)
-    return op.CastLike(op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(w, perm=[1, 0])), x)
+    xf = op.Cast(x, to=FLOAT)
+    w = op.CastLike(dsv4.Fp8Dequant(weight, scale), xf)  # dequant is fp32; fp64 models compute in fp64
+    return op.CastLike(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x)
 
 
 @onnxscript.script(dsv4, default_opset=op)
 def Mxfp4Linear(x, weight, scale):
     """x [..., K] @ Mxfp4Dequant(weight, scale)^T in fp32, cast back to x's type."""
-    w = dsv4.Mxfp4Dequant(weight, scale)
-    return op.CastLike(op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(w, perm=[1, 0])), x)
+    xf = op.Cast(x, to=FLOAT)
+    w = op.CastLike(dsv4.Mxfp4Dequant(weight, scale), xf)
+    return op.CastLike(op.MatMul(xf, op.Transpose(w, perm=[1, 0])), x)
 
 
 # ---- activation quantisation simulation --------------------------------------------------------------------
