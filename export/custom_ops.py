@@ -127,6 +127,14 @@ REGISTRY: tuple[OpRow, ...] = (
           (("x", "T"), ("weights", "F"), ("idx", _I64), ("w1", "T"), ("w2", "T"), ("w3", "T")), (("y", "F"),),
           (("swiglu_limit", _A.FLOAT), ("act_quant", _A.INT)), sample=_S + "sample_moe_experts",
           doc="routed SwiGLU experts of one MoE layer over stacked float expert weights [E, out, in]"),
+    OpRow("MoE", "dsv4.export.custom_ops:moe_reference", None,
+          (("x", "T"), ("gate_weight", "T"), ("bias", "F"), ("tid2eid", _I64), ("ids", _I64), ("w1", "T"), ("w2", "T"),
+           ("w3", "T"), ("shared", "F")), (("y", "F"),),
+          (("top_k", _A.INT), ("route_scale", _A.FLOAT), ("swiglu_limit", _A.FLOAT), ("hash_routing", _A.INT),
+           ("act_quant", _A.INT), ("scoring", _A.STRING)),
+          ort="dsv4.passes.lower_ort:LowerMoE", sample=_S + "sample_moe",
+          doc="one MoE layer made by passes/fuse_moe.py: sqrtsoftplus gate, hash or bias-corrected top-k selection, "
+              "normalised x route_scale weights, routed experts, + the shared expert's output"),
 )
 ROWS: dict[str, OpRow] = {r.name: r for r in REGISTRY}
 BY_TORCH_OP: dict[str, OpRow] = {r.torch_op: r for r in REGISTRY if r.torch_op}
@@ -138,6 +146,24 @@ def moe_experts_reference(x, weights, idx, w1, w2, w3, swiglu_limit: float, act_
 
     return kernels.moe_experts(x, weights, idx, list(w1.unbind(0)), list(w2.unbind(0)), list(w3.unbind(0)), [], [],
                                [], kernels.FMT_FLOAT, float(swiglu_limit), bool(act_quant))
+
+
+def moe_reference(x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k: int, route_scale: float,
+                  swiglu_limit: float, hash_routing: int, act_quant: int, scoring: str):
+    """The MoE node's contract: models/model.py Gate.forward + MoE.forward over stacked float expert weights, with
+    the shared expert's output given (bias / tid2eid / ids are placeholders where the routing does not use them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dsv4.models.quant import up
+
+    if scoring != "sqrtsoftplus":
+        raise ValueError(f"MoE: scoring {scoring!r} is not implemented (only 'sqrtsoftplus')")
+    s = torch.sqrt(F.softplus(F.linear(up(x), up(gate_weight))))  # [N,E]
+    idx = tid2eid[ids] if hash_routing else torch.topk(s + bias, int(top_k), dim=-1).indices
+    w = s.gather(1, idx)
+    w = w / w.sum(-1, keepdim=True) * float(route_scale)
+    return moe_experts_reference(x, w, idx, w1, w2, w3, swiglu_limit, act_quant) + up(shared)
 
 
 def sparse_attn_reference(q, kv, sink, idx, scale):
@@ -250,6 +276,17 @@ def _to_double(nodes) -> None:
     double (attribute-referenced ones through a Cast: ONNX attributes are fp32), as models/quant.up() keeps
     fp64 models in fp64. Literal fp32 constants become the same value in fp64."""
     T = onnx.TensorProto
+    for i in reversed(range(len(nodes))):  # ORT has no double Softplus kernel: log(1 + exp(x)), as export.py does
+        n = nodes[i]
+        if n.op_type == "Softplus" and n.domain == "":
+            x, y = n.input[0], n.output[0]
+            new = [onnx.helper.make_node("Constant", [], [y + "__one"], value=onnx.helper.make_tensor("", T.DOUBLE, [], [1.0])),
+                   onnx.helper.make_node("Exp", [x], [y + "__exp"]),
+                   onnx.helper.make_node("Add", [y + "__one", y + "__exp"], [y + "__1pe"]),
+                   onnx.helper.make_node("Log", [y + "__1pe"], [y])]
+            del nodes[i]
+            for j, m in enumerate(new):
+                nodes.insert(i + j, m)
     for i in range(len(nodes)):
         n = nodes[i]
         for a in n.attribute:

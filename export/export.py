@@ -43,6 +43,7 @@ from .weights import CheckpointSource, ModuleSource, WeightsFile, resolve, skele
 
 WEIGHTS_FILE = "weights.data"
 PENDING = "<pending>"  # location of placeholder tensors until bind_weights points them at WEIGHTS_FILE
+DERIVED = "dsv4.derived"  # Value.meta key: a pass's re-layout of stacked weights, written by bind_weights (passes/lower_ort.py)
 Transform = Callable[[ir.Model, str, Target], dict]  # (model, graph name, target) -> per-pass counts
 
 
@@ -302,7 +303,9 @@ def bind_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.T
     try:
         for name, v in wanted.items():
             shape = tuple(int(d) for d in v.shape)
-            if name in stacks:
+            if DERIVED in v.meta:  # derived(members) yields its parts from the members of stacked source weights
+                parts = v.meta[DERIVED](lambda n, dt, shp: (resolve(source, m, dt, tuple(shp[1:])) for m in stacks[n]))
+            elif name in stacks:
                 parts = (resolve(source, n, v.dtype, shape[1:]) for n in stacks[name])
             elif name in source:
                 parts = iter([resolve(source, name, v.dtype, shape)])

@@ -245,5 +245,35 @@ def MoEExperts(x, weights, idx, w1, w2, w3, swiglu_limit: float, act_quant: int)
     return op.ReduceSum(y, op.Constant(value_ints=[0]), keepdims=0)
 
 
+# ---- one whole MoE layer: routing + routed experts + the shared expert's output (made by passes/fuse_moe.py) -----
+SOFTPLUS_THRESHOLD = 20.0  # torch F.softplus: x itself above the threshold
+
+
+@onnxscript.script(dsv4, default_opset=op)
+def MoE(x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k: int, route_scale: float, swiglu_limit: float,
+        hash_routing: int, act_quant: int, scoring: str):
+    """x [N,D], gate_weight [E,D], stacked float experts w1/w3 [E,I,D], w2 [E,D,I], shared [N,D] (the shared expert's
+    output) -> [N,D] fp32, SPEC §6 / models/model.py Gate + MoE:
+
+    s = sqrt(softplus(x Wg^T)); idx = tid2eid[ids] (hash_routing=1) or topk(s + bias, top_k) (learned);
+    w = s[idx] / sum s[idx] * route_scale; y = MoEExperts(x, w, idx, ...) + shared.
+    Unused inputs hold neutral placeholders: bias is zeros [E] on hash layers; tid2eid [1,K] and ids [1] are zeros
+    on learned layers. scoring: "sqrtsoftplus" (the only V4 scoring; the MoE pass refuses others).
+    """
+    logits = op.MatMul(op.Cast(x, to=FLOAT), op.Transpose(op.Cast(gate_weight, to=FLOAT), perm=[1, 0]))  # [N,E]
+    s = op.Sqrt(op.Where(op.Greater(logits, op.Constant(value_float=SOFTPLUS_THRESHOLD)), logits,
+                         op.Softplus(logits)))
+    hashed = op.Cast(op.Constant(value_int=hash_routing), to=BOOL)
+    if hashed:
+        idx = op.Gather(tid2eid, ids, axis=0)  # [N,K]
+    else:
+        k = op.Reshape(op.Constant(value_int=top_k), op.Constant(value_ints=[1]))
+        vals, idx = op.TopK(op.Add(s, op.Cast(bias, to=FLOAT)), k, axis=-1, largest=1, sorted=1)
+    w = op.GatherElements(s, idx, axis=1)
+    w = op.Div(w, op.ReduceSum(w, op.Constant(value_ints=[-1]), keepdims=1)) * op.Constant(value_float=route_scale)
+    y = dsv4.MoEExperts(x, w, idx, w1, w2, w3, swiglu_limit=swiglu_limit, act_quant=act_quant)
+    return y + op.Cast(shared, to=FLOAT)
+
+
 BODIES = {f.name: f for f in (Fp8Dequant, Mxfp4Dequant, Fp8Linear, Mxfp4Linear, Fp8ActQdq, SparseAttn, IndexerTopK,
-                              Compress, HcSplitSinkhorn, MoEExperts)}
+                              Compress, HcSplitSinkhorn, MoEExperts, MoE)}

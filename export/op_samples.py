@@ -94,3 +94,22 @@ def sample_moe_experts(rng, dtype):
         cases.append(([_f(rng, dtype, N, D), np.abs(_f(rng, dtype, N, K)), idx, *w],
                       {"swiglu_limit": limit, "act_quant": aq}))
     return cases
+
+
+def sample_moe(rng, dtype):
+    """Learned (bias-corrected top-k) and hash routing, with and without the FP8 activation simulation and clamp."""
+    E, D, N, K, V = 8, 128, 9, 2, 20
+    cases = []
+    for hashed, aq, inter, limit in ((0, 0, 64, 1.0), (1, 0, 64, 1.0), (0, 1, 128, 10.0), (1, 1, 128, 0.0)):
+        w = [_f(rng, dtype, E, inter, D, scale=0.3), _f(rng, dtype, E, D, inter, scale=0.3),
+             _f(rng, dtype, E, inter, D, scale=0.3)]
+        if hashed:
+            bias, table = np.zeros(E, dtype), np.stack([rng.permutation(E)[:K] for _ in range(V)]).astype(np.int64)
+            ids = rng.integers(0, V, N).astype(np.int64)
+        else:
+            bias, table, ids = _f(rng, dtype, E, scale=0.1), np.zeros((1, K), np.int64), np.zeros(1, np.int64)
+        cases.append(([_f(rng, dtype, N, D), _f(rng, dtype, E, D, scale=D ** -0.5), bias, table, ids, *w,
+                       _f(rng, dtype, N, D)],
+                      {"top_k": K, "route_scale": 1.5, "swiglu_limit": limit, "hash_routing": hashed, "act_quant": aq,
+                       "scoring": "sqrtsoftplus"}))
+    return cases

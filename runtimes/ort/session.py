@@ -7,6 +7,7 @@ artifact's numerics path. Float artifacts keep it (it pre-transposes weights).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnxruntime as ort
@@ -57,6 +58,9 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
     art = Path(art)
     man = load_manifest(art, verify=verify)
     provs = providers_for(man["target"], providers)
+    # QMoE (passes/lower_ort.py: MXFP4 experts as int8 blocks of 32) is exact only on ORT's dequantise + fp32 GEMM
+    # path; by default its CPU kernel quantises the activations to int8 (rel. error 1e-2). Read at session creation.
+    os.environ.setdefault("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
     so, disabled = session_options(man, optimization, threads, spinning)
     sessions = {g: ort.InferenceSession(str(art / info["file"]), so, providers=provs, disabled_optimizers=disabled)
                 for g, info in man["graphs"].items()}
