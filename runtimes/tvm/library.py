@@ -1,0 +1,126 @@
+"""``dsv4 compile``: an artifact's two graphs -> TVM libraries in a directory with its own manifest.
+
+Layout of a compiled directory (written into a temporary sibling and renamed into place when complete):
+
+    manifest.json        format "dsv4-tvm" v1: target, arch, the source artifact (path + sha256 of its
+                         manifest.json), per graph: library, inputs, outputs, params (name, dtype, shape, location,
+                         offset, length in the artifact's weights file), lowered / inlined dsv4 ops, kernel names,
+                         seconds; tool versions
+    prefill.so decode.so the Relax VM executables (export_library; for tvm-cuda the CUDA source is embedded and
+                         compiled for the device when the library is loaded)
+    prefill.cu decode.cu tvm-cuda only: the CUDA C source of every kernel
+    prefill.ptx ...      tvm-cuda only, where nvcc is on the PATH: ``nvcc -ptx -arch=<arch>`` of that source
+
+The weights are not copied: a compiled directory runs against its artifact (checked by the manifest hash).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import tvm
+
+from dsv4.export.artifact import MANIFEST, load_manifest, sha256, stage_printer, versions, writing
+from dsv4.export.signature import GRAPHS
+
+from . import backend, frontend
+from .frontend import Param
+
+FORMAT, FORMAT_VERSION = "dsv4-tvm", 1
+KERNEL = re.compile(r"\b(\w+_kernel\w*)\(")
+
+
+class CompiledError(ValueError):
+    """A compiled directory is incomplete or does not belong to the artifact / target it is used with."""
+
+
+def check_artifact(man: dict, art: Path) -> None:
+    """Artifacts exported for ONNX Runtime targets may hold com.microsoft contrib ops TVM cannot import."""
+    from dsv4.export.targets import get_target
+
+    tgt = get_target(man["target"])
+    if tgt.runtime != "tvm" and any(man["graphs"][g].get("pass_counts") for g in GRAPHS):
+        raise CompiledError(f"{art}: exported for {tgt.name} with its pass pipeline (ONNX Runtime contrib ops); "
+                            "export it with --target tvm-llvm or tvm-cuda for TVM")
+
+
+def compile_graph(art: Path, graph: str, target: tvm.target.Target):
+    """(executable, Prepared, seconds) of one graph of the artifact `art`."""
+    t = time.perf_counter()
+    mod, prep = frontend.import_model(art / f"{graph}.onnx")
+    t_import = time.perf_counter() - t
+    t = time.perf_counter()
+    ex = backend.build(mod, target)
+    return ex, prep, {"import": round(t_import, 2), "build": round(time.perf_counter() - t, 2)}
+
+
+def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm", arch: str = backend.DEFAULT_ARCH,
+                     overwrite: bool = False, progress: bool | None = None, verify: bool = True) -> dict:
+    """Compile both graphs of `art` for `target` into the directory `out`; returns the compiled manifest."""
+    art, out = Path(art), Path(out)
+    man = load_manifest(art, verify=verify)
+    check_artifact(man, art)
+    tgt = backend.make_target(target, arch)
+    cuda = backend.is_cuda(tgt)
+    graphs: dict[str, dict] = {}
+    with writing(out, overwrite) as tmp, stage_printer(progress) as stage:
+        for g in GRAPHS:
+            with stage(f"import + build {g} ({target})"):
+                ex, prep, secs = compile_graph(art, g, tgt)
+            with stage(f"save {g}"):
+                ex.export_library(str(tmp / f"{g}.so"))
+                info = {"library": f"{g}.so", "inputs": prep.inputs, "outputs": prep.outputs,
+                        "params": [asdict(p) for p in prep.params], "lowered": prep.lowered,
+                        "inlined": prep.inlined, "seconds": secs}
+                if cuda:
+                    src = backend.cuda_source(ex)
+                    (tmp / f"{g}.cu").write_text(src)
+                    info["cuda_source"] = f"{g}.cu"
+                    info["kernels"] = sorted(set(KERNEL.findall(src)))
+            if cuda and shutil.which("nvcc"):
+                with stage(f"nvcc -ptx -arch={arch} {g}"):
+                    t = time.perf_counter()
+                    backend.ptx(src, arch, tmp / f"{g}.ptx")
+                    info["ptx"] = f"{g}.ptx"
+                    secs["ptx"] = round(time.perf_counter() - t, 2)
+            graphs[g] = info
+        cm = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target,
+              "arch": arch if cuda else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "artifact": {"path": str(art.resolve()), "manifest_sha256": sha256(art / MANIFEST),
+                           "target": man["target"], "dtype": man["dtype"]},
+              "graphs": graphs, "versions": versions() | {"tvm": tvm.__version__}}
+        (tmp / MANIFEST).write_text(json.dumps(cm, indent=2) + "\n")
+    return cm
+
+
+def load_compiled(path: str | Path, art: str | Path | None = None, target: str | None = None) -> tuple[dict, Path]:
+    """(compiled manifest, artifact directory): checks the format, the files, the target and that the artifact
+    (default: the one it was compiled from) is the same one, by its manifest hash."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CompiledError(f"{path}: not a compiled TVM directory (no {MANIFEST}); run dsv4 compile")
+    cm = json.loads(mpath.read_text())
+    if cm.get("format") != FORMAT or cm.get("format_version") != FORMAT_VERSION:
+        raise CompiledError(f"{mpath}: format {cm.get('format')!r} v{cm.get('format_version')}, expected "
+                            f"{FORMAT!r} v{FORMAT_VERSION}")
+    if target is not None and cm["target"] != target:
+        raise CompiledError(f"{path}: compiled for {cm['target']}, not {target}")
+    art = Path(art) if art is not None else Path(cm["artifact"]["path"])
+    if sha256(art / MANIFEST) != cm["artifact"]["manifest_sha256"]:
+        raise CompiledError(f"{path}: compiled from a different artifact than {art} (manifest hash differs)")
+    for g in GRAPHS:
+        lib = path / cm["graphs"][g]["library"]
+        if not lib.is_file():
+            raise CompiledError(f"{lib}: missing (listed in {mpath})")
+    return cm, art
+
+
+def graph_info(cm: dict, graph: str) -> tuple[list[str], list[str], list[Param]]:
+    info = cm["graphs"][graph]
+    return info["inputs"], info["outputs"], [Param(**{**p, "shape": tuple(p["shape"])}) for p in info["params"]]

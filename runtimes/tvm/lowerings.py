@@ -1,0 +1,355 @@
+"""TVM lowerings of the dsv4 ops: TE compute -> one PrimFunc per op, called from Relax (the registry's TVM face).
+
+One function per dsv4 op that has a real kernel, in registry order (export/custom_ops.py); a registry row
+points at its function through its ``tvm`` import string. Every function has the converter signature
+``fn(bb, inputs, attrs) -> relax.Expr`` (a ``relax.Tuple`` for several outputs): `inputs` are the Relax
+values of the node's inputs, `attrs` its ONNX attributes. Rows without a function here run their ONNX body,
+inlined before import (frontend.py).
+
+Each kernel is a PrimFunc named ``dsv4_<op>`` (the CUDA kernels are ``dsv4_<op>_kernel*``), computes in fp32
+like the eager reference (models/kernels.py) and casts back to the activation dtype where the reference does.
+Packed weights are decoded inside the kernels with exact bit arithmetic (no lookup tables):
+
+* E8M0 code c -> 2^(c-127) (c = 0 is the fp32 subnormal 2^-127, c = 255 NaN);
+* FP8 e4m3fn byte -> sign * (8+m) * 2^(e-10), or m * 2^-9 when e = 0, NaN for S.1111.111;
+* e2m1 nibble -> sign * {0, .5, 1, 1.5, 2, 3, 4, 6}[code & 7].
+
+Why these ops and not the others:
+* Fp8Linear / Mxfp4Linear: the dequant is fused into the matmul's reduction, so no float copy of the weight is
+  ever materialised (the point of keeping weights packed); Fp8Dequant / Mxfp4Dequant serve whole-weight uses.
+* SparseAttn: gather + masked softmax with a sink + weighted sum in one function, no [B,T,K,D] gather tensor.
+* Compress and HcSplitSinkhorn: their bodies do not import into TVM (HcSplitSinkhorn's Sinkhorn loop is an
+  ONNX Loop, which TVM's importer lacks; Compress's block shift makes TVM lose the shape of the pooled rows).
+* IndexerTopK, Fp8ActQdq, MoEExperts: bodies (standard ops, TopK with a constant k). The fused MoE of issue [4]
+  gets its lowering here when its registry row lands (see the note at the end of this file).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx
+
+F32 = "float32"
+FP8_BLOCK = 128  # models/config.FP8_BLOCK (the weight tile), repeated to keep this file free of torch imports
+FP4_BLOCK = 32  # models/config.FP4_BLOCK
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def shape_of(x: relax.Expr) -> list:
+    """Static or symbolic dims of a Relax tensor; an unknown shape is an import bug worth a clear message."""
+    ty = x.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise ValueError(f"dsv4 lowering: input {x} has no known shape ({ty})")
+    return list(ty.shape.values)
+
+
+def dtype_of(x: relax.Expr) -> str:
+    return str(x.ty.dtype)
+
+
+def _prod(dims) -> tirx.PrimExpr:
+    out = tirx.const(1, "int64")
+    for d in dims:
+        out = out * d
+    return out
+
+
+def acc_dtype(*xs: relax.Expr) -> str:
+    """fp64 when any input is fp64 (fp64 reference models), else fp32: models/quant.up."""
+    return "float64" if any(dtype_of(x) == "float64" for x in xs) else F32
+
+
+def _dt(v: tirx.PrimExpr) -> str:
+    """dtype of a TIR expression (TVM 0.27: a Var's type lives in ``.ty``)."""
+    try:
+        return str(v.dtype)
+    except AttributeError:
+        return str(v.ty)
+
+
+def _up(v: tirx.PrimExpr, acc: str = F32) -> tirx.PrimExpr:
+    return v if _dt(v) == acc else v.astype(acc)
+
+
+def _scalar_input(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | float:
+    """A scalar operand as a Python float when it is a constant, else as a [1] tensor."""
+    if isinstance(x, tvm.ir.GenericConst):
+        return float(x.value.numpy().reshape(-1)[0])
+    return bb.normalize(relax.op.reshape(x, [1]))
+
+
+def _bits(v: int | tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.reinterpret(F32, tirx.const(v, "int32") if isinstance(v, int) else v)
+
+
+def e8m0(code: tirx.PrimExpr) -> tirx.PrimExpr:
+    """uint8 E8M0 code -> fp32 2^(c-127), exactly (quant.e8m0_decode)."""
+    c = code.astype("int32")
+    return tirx.Select(c == 0, _bits(0x00400000), tirx.Select(c == 255, _bits(0x7FC00000), _bits(c * (1 << 23))))
+
+
+def fp8_e4m3(byte: tirx.PrimExpr) -> tirx.PrimExpr:
+    """uint8 e4m3fn byte -> fp32, exactly."""
+    b = byte.astype("int32")
+    e = tirx.bitwise_and(tirx.shift_right(b, 3), 15)
+    m = tirx.bitwise_and(b, 7)
+    normal = _bits((e + 120) * (1 << 23) + m * (1 << 20))  # (1 + m/8) * 2^(e-7)
+    mag = tirx.Select(e == 0, m.astype(F32) * tirx.const(2.0**-9, F32), normal)
+    mag = tirx.Select(tirx.all(e == 15, m == 7), _bits(0x7FC00000), mag)
+    return tirx.Select(b >= 128, -mag, mag)
+
+
+def e2m1(code: tirx.PrimExpr) -> tirx.PrimExpr:
+    """e2m1 code (0..15, int32) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negations."""
+    e = tirx.bitwise_and(tirx.shift_right(code, 1), 3)
+    half = tirx.bitwise_and(code, 1).astype(F32) * tirx.const(0.5, F32)
+    pow2 = tirx.shift_left(tirx.const(1, "int32"), tirx.max(e - 1, 0)).astype(F32)
+    mag = tirx.Select(e == 0, half, (tirx.const(1.0, F32) + half) * pow2)
+    return tirx.Select(code >= 8, -mag, mag)
+
+
+def nibble(packed: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
+    """e2m1 code of element k of a packed row (element 2j = low nibble of byte j)."""
+    b = packed.astype("int32")
+    return tirx.Select(tirx.floormod(k, 2) == 0, tirx.bitwise_and(b, 15), tirx.shift_right(b, 4))
+
+
+OPAQUE = 8  # relax op pattern kOpaque: FuseOps leaves the kernel whole (and its schedule hints with it)
+
+
+def emit_kernel(bb: relax.BlockBuilder, te_fn, *args, name: str, rows: int | None = None,
+                per: str = "thread") -> relax.Expr:
+    """Emit ``te_fn(*args)`` as the PrimFunc `name`, with schedule hints for backend.schedule_kernels: the first
+    `rows` axes of every stage index independent rows; per="thread" gives each row one GPU thread (small
+    rows), per="block" one thread block whose threads share the row's stages (long rows)."""
+    call = bb.call_te(te_fn, *args, primfunc_name_hint=name)
+    gvar = call.args[0]
+    attrs = {"op_pattern": OPAQUE}
+    if rows is not None:
+        attrs |= {"dsv4.rows": rows, "dsv4.per": per}
+    bb.update_func(gvar, bb.get()[gvar].with_attrs(attrs))
+    return bb.emit(call)
+
+
+def _lead_flat(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr, list]:
+    """x [..., K] -> ([M, K], lead dims)."""
+    dims = shape_of(x)
+    return bb.normalize(relax.op.reshape(x, [_prod(dims[:-1]), dims[-1]])), dims[:-1]
+
+
+
+
+# ---- SparseAttn ------------------------------------------------------------------------------------------------
+def _sparse_attn_te(q, kv, sink, idx, scale, acc: str):
+    b_, t_, h_, d_ = q.shape
+    k_ = idx.shape[2]
+    neg = tirx.min_value(acc)  # masked logits: exp(neg - max) is exactly 0, without inf arithmetic
+    sc = tirx.const(scale, acc) if isinstance(scale, float) else _up(scale[0], acc)
+
+    def row(b, t, k):
+        return tirx.max(idx[b, t, k], tirx.const(0, idx.dtype))
+
+    d = te.reduce_axis((0, d_), "d")
+    dot = te.compute((b_, t_, h_, k_), lambda b, t, h, k: te.sum(
+        _up(q[b, t, h, d], acc) * _up(kv[b, row(b, t, k), d], acc), axis=d), name="dot")
+
+    def masked(b, t, h, k):
+        return tirx.Select(idx[b, t, k] >= 0, dot[b, t, h, k] * sc, neg)
+
+    k1 = te.reduce_axis((0, k_), "k1")
+    mxk = te.compute((b_, t_, h_), lambda b, t, h: te.max(masked(b, t, h, k1), axis=k1), name="mx")
+    mx = te.compute((b_, t_, h_), lambda b, t, h: tirx.max(mxk[b, t, h], _up(sink[h], acc)), name="mx_sink")
+    k2 = te.reduce_axis((0, k_), "k2")
+    den = te.compute((b_, t_, h_), lambda b, t, h: te.sum(tirx.exp(masked(b, t, h, k2) - mx[b, t, h]), axis=k2),
+                     name="den")
+    k3 = te.reduce_axis((0, k_), "k3")
+    num = te.compute((b_, t_, h_, d_), lambda b, t, h, j: te.sum(
+        tirx.exp(masked(b, t, h, k3) - mx[b, t, h]) * _up(kv[b, row(b, t, k3), j], acc), axis=k3), name="num")
+    return te.compute((b_, t_, h_, d_), lambda b, t, h, j: (num[b, t, h, j] / (
+        den[b, t, h] + tirx.exp(_up(sink[h], acc) - mx[b, t, h]))).astype(q.dtype), name="o")
+
+
+def sparse_attn(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """o[b,t,h] = softmax([q.kv[idx_k] * scale for valid k] + [sink_h]) . kv[idx] (kernels.sparse_attn).
+    `scale` is the fifth input (a scalar tensor) or, in older artifacts, a float attribute."""
+    q, kv, sink, idx = inputs[:4]
+    scale = _scalar_input(bb, inputs[4]) if len(inputs) > 4 and inputs[4] is not None else float(attrs["scale"])
+    args = (q, kv, sink, idx) + (() if isinstance(scale, float) else (scale,))
+    acc = acc_dtype(q, kv, sink)
+    if isinstance(scale, float):
+        return emit_kernel(bb, lambda q_, kv_, s_, i_: _sparse_attn_te(q_, kv_, s_, i_, scale, acc), *args,
+                           name="dsv4_sparse_attn", rows=3, per="block")
+    return emit_kernel(bb, _sparse_attn_te, *args, acc, name="dsv4_sparse_attn", rows=3, per="block")
+
+
+# ---- Compress --------------------------------------------------------------------------------------------------
+def _compress_te(kv, score, prev_kv, prev_score, overlap: bool, acc: str):
+    b_, nb, m, c = kv.shape
+    d_ = c // 2 if overlap else c
+    rows = 2 * m if overlap else m
+
+    def pick(cur, prev, b, i, r, ch):
+        """Row r of the pooled rows of block i: with overlap, rows < m are the lower half of block i-1."""
+        if not overlap:
+            return _up(cur[b, i, r, ch], acc)
+        lo = tirx.Select(i == 0, _up(prev[b, tirx.min(r, m - 1), ch], acc),
+                         _up(cur[b, tirx.max(i - 1, 0), tirx.min(r, m - 1), ch], acc))
+        return tirx.Select(r < m, lo, _up(cur[b, i, tirx.max(r - m, 0), ch + d_], acc))
+
+    r1 = te.reduce_axis((0, rows), "r1")
+    mx = te.compute((b_, nb, d_), lambda b, i, ch: te.max(pick(score, prev_score, b, i, r1, ch), axis=r1), name="mx")
+    r2 = te.reduce_axis((0, rows), "r2")
+    den = te.compute((b_, nb, d_), lambda b, i, ch: te.sum(
+        tirx.exp(pick(score, prev_score, b, i, r2, ch) - mx[b, i, ch]), axis=r2), name="den")
+    r3 = te.reduce_axis((0, rows), "r3")
+    num = te.compute((b_, nb, d_), lambda b, i, ch: te.sum(
+        tirx.exp(pick(score, prev_score, b, i, r3, ch) - mx[b, i, ch]) * pick(kv, prev_kv, b, i, r3, ch), axis=r3),
+        name="num")
+    return te.compute((b_, nb, d_), lambda b, i, ch: num[b, i, ch] / den[b, i, ch], name="entries")
+
+
+def compress(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """Gated softmax pooling of m-row blocks, overlapping halves when overlap=1 (kernels.compress)."""
+    kv, score, prev_kv, prev_score = inputs[:4]
+    return emit_kernel(bb, _compress_te, kv, score, prev_kv, prev_score, bool(attrs.get("overlap", 0)),
+                       acc_dtype(kv, score), name="dsv4_compress", rows=2, per="block")
+
+
+# ---- HcSplitSinkhorn -------------------------------------------------------------------------------------------
+def _hc_te(mixes, scale, base, n: int, iters: int, eps: float):
+    m_ = mixes.shape[0]
+    acc = mixes.dtype
+    e = tirx.const(eps, acc)
+
+    def z(i, a, b):
+        return mixes[i, 2 * n + a * n + b] * scale[2] + base[2 * n + a * n + b]
+
+    pre = te.compute((m_, n), lambda i, j: tirx.sigmoid(mixes[i, j] * scale[0] + base[j]) + e, name="pre")
+    post = te.compute((m_, n), lambda i, j: tirx.const(2.0, acc) * tirx.sigmoid(
+        mixes[i, n + j] * scale[1] + base[n + j]), name="post")
+    k0 = te.reduce_axis((0, n), "k0")
+    zmax = te.compute((m_, n), lambda i, a: te.max(z(i, a, k0), axis=k0), name="zmax")
+    k1 = te.reduce_axis((0, n), "k1")
+    zsum = te.compute((m_, n), lambda i, a: te.sum(tirx.exp(z(i, a, k1) - zmax[i, a]), axis=k1), name="zsum")
+    cur = te.compute((m_, n, n), lambda i, a, b: tirx.exp(z(i, a, b) - zmax[i, a]) / zsum[i, a] + e, name="soft")
+
+    def normalise(x, axis: int, step: int):
+        k = te.reduce_axis((0, n), f"k_{step}")
+        if axis == -2:  # column sums (over the source-stream rows)
+            s = te.compute((m_, n), lambda i, b: te.sum(x[i, k, b], axis=k), name=f"colsum{step}")
+            return te.compute((m_, n, n), lambda i, a, b: x[i, a, b] / (s[i, b] + e), name=f"col{step}")
+        s = te.compute((m_, n), lambda i, a: te.sum(x[i, a, k], axis=k), name=f"rowsum{step}")
+        return te.compute((m_, n, n), lambda i, a, b: x[i, a, b] / (s[i, a] + e), name=f"row{step}")
+
+    cur = normalise(cur, -2, 0)
+    for it in range(1, iters):
+        cur = normalise(normalise(cur, -1, it), -2, it)
+    return [pre, post, cur]
+
+
+def hc_split_sinkhorn(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """mHC pre/post weights and the Sinkhorn-normalised comb matrix, iterations unrolled (kernels.hc_split_sinkhorn)."""
+    mixes, scale, base = inputs[:3]
+    n = int(attrs["hc_mult"])
+    flat, lead = _lead_flat(bb, mixes)
+    out = emit_kernel(bb, _hc_te, flat, scale, base, n, int(attrs["iters"]), float(attrs["eps"]),
+                      name="dsv4_hc_split_sinkhorn", rows=1, per="thread")
+    parts = [bb.emit(relax.TupleGetItem(out, i)) for i in range(3)]
+    shapes = [[*lead, n], [*lead, n], [*lead, n, n]]
+    return relax.Tuple([bb.normalize(relax.op.reshape(p, s)) for p, s in zip(parts, shapes)])
+
+
+# ---- dequant-matmul and dequant --------------------------------------------------------------------------------
+def _fp8_linear_te(x, w, s, acc: str):
+    m_, i_ = x.shape
+    o_ = w.shape[0]
+    k = te.reduce_axis((0, i_), "k")
+    y = te.compute((m_, o_), lambda m, o: te.sum(_up(x[m, k], acc) * _up(
+        fp8_e4m3(w[o, k]) * e8m0(s[o // FP8_BLOCK, k // FP8_BLOCK]), acc), axis=k), name="y")
+    return _cast(y, x.dtype)
+
+
+def _mxfp4_linear_te(x, w, s, acc: str):
+    m_, k_ = x.shape
+    o_ = w.shape[0]
+    k = te.reduce_axis((0, k_), "k")
+    y = te.compute((m_, o_), lambda m, o: te.sum(_up(x[m, k], acc) * _up(
+        e2m1(nibble(w[o, k // 2], k)) * e8m0(s[o, k // FP4_BLOCK]), acc), axis=k), name="y")
+    return _cast(y, x.dtype)
+
+
+def _cast(y, dtype: str):
+    return y if y.dtype == dtype else te.compute(y.shape, lambda *i: y[i].astype(dtype), name="y_cast")
+
+
+def _linear(bb, inputs, te_fn, name: str) -> relax.Expr:
+    x, w, s = inputs[:3]
+    flat, lead = _lead_flat(bb, x)
+    y = emit_kernel(bb, te_fn, flat, w, s, acc_dtype(x), name=name)
+    return bb.normalize(relax.op.reshape(y, [*lead, shape_of(w)[0]]))
+
+
+def fp8_linear(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """x @ dequant(FP8 weight, 128x128 E8M0 tiles)^T with the dequant inside the reduction (kernels.fp8_linear)."""
+    return _linear(bb, inputs, _fp8_linear_te, "dsv4_fp8_linear")
+
+
+def mxfp4_linear(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """x @ dequant(MXFP4 weight, E8M0 per 32)^T with the dequant inside the reduction (kernels.mxfp4_linear)."""
+    return _linear(bb, inputs, _mxfp4_linear_te, "dsv4_mxfp4_linear")
+
+
+def _fp8_dequant_te(w, s):
+    def f(*ix):
+        *lead, o, i = ix
+        return fp8_e4m3(w[ix]) * e8m0(s[(*lead, o // FP8_BLOCK, i // FP8_BLOCK)])
+
+    return te.compute(w.shape, f, name="w")
+
+
+def _mxfp4_dequant_te(w, s):
+    def f(*ix):
+        *lead, o, k = ix
+        return e2m1(nibble(w[(*lead, o, k // 2)], k)) * e8m0(s[(*lead, o, k // FP4_BLOCK)])
+
+    return te.compute((*w.shape[:-1], w.shape[-1] * 2), f, name="w")
+
+
+def fp8_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """FP8 e4m3 bytes + E8M0 tile scales -> fp32, leading batch dims allowed (kernels.fp8_dequant)."""
+    return emit_kernel(bb, _fp8_dequant_te, inputs[0], inputs[1], name="dsv4_fp8_dequant")
+
+
+def mxfp4_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """Packed e2m1 + E8M0 scales per 32 -> fp32, leading batch dims allowed (kernels.mxfp4_dequant)."""
+    return emit_kernel(bb, _mxfp4_dequant_te, inputs[0], inputs[1], name="dsv4_mxfp4_dequant")
+
+
+# ---- FP8 rounding (not a registry op: the graph's Cast to FLOAT8E4M3FN, see importer_fixes.Cast) ---------------
+FP8_MAX = 448.0
+
+
+def _fp8_round_te(x):
+    """Round to the nearest e4m3fn value, ties to even, saturating at +-448 (ONNX Cast, saturate=1), in fp32.
+    The quantum of |x| is 2^(max(E, -6) - 3) with E its binary exponent, read from the IEEE bits."""
+    def f(*i):
+        v = _up(x[i], F32)
+        a = tirx.abs(v)
+        e = tirx.bitwise_and(tirx.shift_right(tirx.reinterpret("int32", a), 23), 255) - 127
+        q = _bits((tirx.max(e, -6) - 3 + 127) * (1 << 23))
+        r = tirx.min(tirx.nearbyint(a / q) * q, tirx.const(FP8_MAX, F32))
+        return tirx.Select(tirx.isnan(v), v, tirx.Select(v < 0, -r, r))
+
+    return te.compute(x.shape, f, name="fp8")
+
+
+def fp8_round(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    """x rounded onto the FP8 e4m3fn grid, kept in fp32 (what models/quant.fp8_e4m3_round computes)."""
+    return bb.emit_te(_fp8_round_te, x, primfunc_name_hint="dsv4_fp8_round")  # elementwise: may fuse
+
+
+# ---- the fused MoE (issue [4]) ---------------------------------------------------------------------------------
+# When the MoE pass's fused op gets its registry row, its lowering goes here, after the rows above it in the
+# registry: gate/top-k inputs, grouped expert GEMMs over packed weights (reuse fp8_e4m3 / e2m1 / e8m0 above),
+# SwiGLU and the weighted combine, as one function `moe(bb, inputs, attrs)`; then set the row's tvm face to
+# "dsv4.runtimes.tvm.lowerings:moe". Until then MoEExperts runs its body.
