@@ -53,6 +53,23 @@ def test_registry_body_equals_eager(row, compute):
                 np.testing.assert_allclose(g[fin], r[fin], rtol=0, atol=OP_RTOL[compute] * scale, err_msg=row.name)
 
 
+@pytest.mark.parametrize("name", ["Fp8Dequant", "Mxfp4Dequant"])
+def test_dequant_bodies_take_stacked_experts(name):
+    """The MoE translation dequantises stacked expert weights [E, out, in]: each slice equals the 2-D reference
+    exactly (also for dims that are not whole 128-tiles)."""
+    rng = np.random.default_rng(1)
+    eager = custom_ops.ROWS[name].eager_fn()
+    for (w0, s0), _ in custom_ops.load(custom_ops.ROWS[name].sample)(rng, np.dtype("float32")):
+        w = np.stack([w0, rng.integers(0, 256, w0.shape, dtype=np.uint8)])  # any byte, NaN codes included
+        s = np.stack([s0, s0[::-1].copy()])
+        model = custom_ops.op_model(name, [w, s], {}, [3])
+        sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"weight": w, "scale": s})[0]
+        for e in range(2):
+            np.testing.assert_array_equal(got[e], eager(torch.from_numpy(w[e]), torch.from_numpy(s[e])).numpy())
+
+
 @pytest.mark.parametrize("row", custom_ops.REGISTRY, ids=lambda r: r.name)
 def test_registry_row_is_complete(row):
     """Each row names an existing body, eager reference, sample, and runtime faces of the form 'inline' or 'mod:attr'."""
@@ -229,3 +246,18 @@ def test_inspect_reports_ops_state_and_weights(tiny_artifact, tiny_args):
     assert dec["inlined_nodes"] > dec["nodes"] and not any(k.startswith("dsv4.") for k in dec["inlined_ops"])
     assert info["weights_by_dtype"]["uint8"]["bytes"] > 0
     assert info["state"]["bytes_per_token"] > 0
+
+
+@pytest.mark.slow  # one more export (~1-2 min on 2 cores)
+def test_export_command_from_a_preset(tmp_path, capsys):
+    """``dsv4 export --preset tiny --seed 0`` builds the synthetic checkpoint on the fly; the artifact remembers its
+    source, so ``dsv4 parity`` needs no checkpoint argument."""
+    from dsv4.tools.cli import main
+
+    out = tmp_path / "art"
+    assert main(["export", "--preset", "tiny", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert "decode" in capsys.readouterr().out
+    man = load_manifest(out)
+    assert man["source"] == {"kind": "synthetic", "preset": "tiny", "seed": 0}
+    assert man["config"]["max_seq_len"] == 1024
+    assert main(["parity", str(out), "--steps", "4", "--prompt-len", "32"]) == 0

@@ -103,3 +103,21 @@ def test_missing_provider_is_a_clear_error(tiny_artifact):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(ValueError, match="CUDAExecutionProvider not available"):
         load_sessions(tiny_artifact, providers=["CUDAExecutionProvider"], verify=False)
+
+
+def test_generate_and_inspect_commands(tiny_artifact_f32, capsys):
+    """``dsv4 generate`` prints one line of batch tokens per step; ``dsv4 inspect --json`` the op histograms."""
+    import json
+
+    from dsv4.tools.cli import main
+
+    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,3;4,5,6", "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(len(line.split()) == 2 for line in lines)
+    assert main(["generate", str(tiny_artifact_f32), "--prompt", "hello"]) == 2  # no tokenizer.json shipped
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,999", "--max-new-tokens", "1"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    assert main(["inspect", str(tiny_artifact_f32), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["graphs"]["prefill"]["dsv4"]["SparseAttn"] == 4 and info["weights"] == "float32"
