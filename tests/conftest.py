@@ -82,3 +82,26 @@ def tiny_eager_f32(tiny_checkpoint):
     from dsv4.models.checkpoint import load_model
 
     return load_model(tiny_checkpoint, keep_quantized=False, quant_sim=False, max_seq_len=1024, progress=False)
+
+
+# ---- TVM (runtimes/tvm): one export for the TVM targets and its llvm build, shared by tests/test_tvm*.py ---------
+@pytest.fixture(scope="session")
+def tiny_artifact_tvm(tiny_checkpoint, tmp_path_factory):
+    """tiny_artifact_f32's twin exported for tvm-llvm with the target's pass pipeline (fused MoE, lowered dsv4 ops
+    kept as nodes): float32 weights, quant_sim off, max_seq_len 1024. Its eager model is tiny_eager_f32."""
+    from dsv4.export.export import export_artifact
+    from dsv4.passes.pipeline import run
+
+    return export_artifact(tmp_path_factory.mktemp("art") / "tiny_tvm", checkpoint=tiny_checkpoint, max_seq_len=1024,
+                           weights="float32", quant_sim=False, target="tvm-llvm", progress=False,
+                           transform=lambda model, graph, target: run(model, target.name)).path
+
+
+@pytest.fixture(scope="session")
+def tiny_tvm_llvm(tiny_artifact_tvm, tmp_path_factory):
+    """``dsv4 compile tiny_artifact_tvm --target tvm-llvm``: the compiled directory (about a minute on 2 cores)."""
+    from dsv4.runtimes.tvm import compile_artifact
+
+    out = tmp_path_factory.mktemp("tvm") / "tiny_llvm"
+    compile_artifact(tiny_artifact_tvm, out, target="tvm-llvm", progress=False)
+    return out

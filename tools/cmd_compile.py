@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"))
     p.add_argument("--arch", default="sm_90", help="CUDA architecture for tvm-cuda (PTX via nvcc when present)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--graphs", default="prefill,decode", help="comma-separated graphs to compile (default both; "
+                   "running needs both)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-verify", action="store_true", help="skip the artifact's sha256 check")
     p.add_argument("--no-progress", action="store_true")
@@ -24,7 +26,8 @@ def run(a: argparse.Namespace) -> int:
     from dsv4.runtimes.tvm import compile_artifact
 
     cm = compile_artifact(a.artifact, a.out, target=a.target, arch=a.arch, overwrite=a.force,
-                          progress=False if a.no_progress else None, verify=not a.no_verify)
+                          progress=False if a.no_progress else None, verify=not a.no_verify,
+                          graphs=tuple(g.strip() for g in a.graphs.split(",") if g.strip()))
     t = Table(title=f"compiled {a.artifact} for {cm['target']}" + (f" ({cm['arch']})" if cm["arch"] else "")
               + f" -> {a.out}")
     for c in ("graph", "lowered dsv4 ops", "inlined", "params", "import s", "build s", "files"):

@@ -113,17 +113,62 @@ def schedule_kernels(target: tvm.target.Target):
     return run
 
 
+def _spatial_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """GPU schedule of a function of spatial blocks without splitting symbolic loops: each block's innermost loop
+    (static) over threads, the others fused over thread blocks. dlight's Fallback splits the fused loop, which
+    TVM 0.27 cannot prove for extents like ``batch * (length + 384) * 128`` (the KV concatenations of prefill)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if any(int(v.iter_type) != 0 for v in sch.get(blk).iter_vars):
+            raise ValueError(f"{func}: block {sch.get(blk).name_hint} is not spatial")
+        *outer, last = sch.get_loops(blk)
+        extent = sch.get(last).extent
+        if not isinstance(extent, tvm.tirx.IntImm):
+            raise ValueError("innermost loop is symbolic")
+        if int(extent.value) > 1024:
+            last, inner = sch.split(last, [None, GPU_THREADS])
+            outer.append(last)
+            last = inner
+        sch.bind(last, "threadIdx.x")
+        sch.bind(sch.fuse(*outer) if len(outer) > 1 else outer[0], "blockIdx.x") if outer else None
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def gpu_schedule(dlight_pass):
+    """dlight's default GPU schedules, function by function; where dlight fails on symbolic shapes, the spatial
+    schedule above (and if that does not apply either, dlight's error, naming the function)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="dsv4_gpu_schedule")
+    def run(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and
+                                                          func.attrs.get("tir.is_scheduled", False)):
+                continue
+            try:
+                mod[gv] = dlight_pass(tvm.IRModule({gv: func}))[gv]
+            except Exception as err:  # noqa: BLE001 - TVM raises InternalError subclasses of many kinds
+                try:
+                    mod[gv] = _spatial_schedule(func)
+                except Exception:  # noqa: BLE001
+                    raise RuntimeError(f"no GPU schedule for {gv.name_hint}: {err}") from err
+        return mod
+
+    return run
+
+
 def passes(target: tvm.target.Target) -> list:
     """The Relax pipeline, step by step (mirrors TVM's per-backend default pipelines, scheduling explicit)."""
     from tvm.s_tir import dlight as dl
 
     T = relax.transform
-    steps = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+    steps = [T.DeadCodeElimination(), relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
              T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR(),
              schedule_kernels(target)]
     if is_cuda(target):
-        steps.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                             dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+        steps.append(gpu_schedule(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())))
     steps += [T.RewriteDataflowReshape(), T.ToNonDataflow(), T.RemovePurityChecking(), T.CallTIRRewrite(),
               T.StaticPlanBlockMemory()]
     if is_cuda(target):

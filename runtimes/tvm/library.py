@@ -60,16 +60,21 @@ def compile_graph(art: Path, graph: str, target: tvm.target.Target):
 
 
 def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm", arch: str = backend.DEFAULT_ARCH,
-                     overwrite: bool = False, progress: bool | None = None, verify: bool = True) -> dict:
-    """Compile both graphs of `art` for `target` into the directory `out`; returns the compiled manifest."""
+                     overwrite: bool = False, progress: bool | None = None, verify: bool = True,
+                     graphs: tuple[str, ...] = GRAPHS) -> dict:
+    """Compile the graphs of `art` (default both) for `target` into the directory `out`; returns the compiled
+    manifest. A directory holding only some graphs is for inspection (CUDA source, PTX); a Generator needs both."""
     art, out = Path(art), Path(out)
+    bad = [g for g in graphs if g not in GRAPHS]
+    if bad or not graphs:
+        raise ValueError(f"--graphs: {bad or 'none'}; choose from {', '.join(GRAPHS)}")
     man = load_manifest(art, verify=verify)
     check_artifact(man, art)
     tgt = backend.make_target(target, arch)
     cuda = backend.is_cuda(tgt)
-    graphs: dict[str, dict] = {}
+    done: dict[str, dict] = {}
     with writing(out, overwrite) as tmp, stage_printer(progress) as stage:
-        for g in GRAPHS:
+        for g in graphs:
             with stage(f"import + build {g} ({target})"):
                 ex, prep, secs = compile_graph(art, g, tgt)
             with stage(f"save {g}"):
@@ -88,12 +93,12 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
                     backend.ptx(src, arch, tmp / f"{g}.ptx")
                     info["ptx"] = f"{g}.ptx"
                     secs["ptx"] = round(time.perf_counter() - t, 2)
-            graphs[g] = info
+            done[g] = info
         cm = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target,
               "arch": arch if cuda else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "artifact": {"path": str(art.resolve()), "manifest_sha256": sha256(art / MANIFEST),
                            "target": man["target"], "dtype": man["dtype"]},
-              "graphs": graphs, "versions": versions() | {"tvm": tvm.__version__}}
+              "graphs": done, "versions": versions() | {"tvm": tvm.__version__}}
         (tmp / MANIFEST).write_text(json.dumps(cm, indent=2) + "\n")
     return cm
 
@@ -115,6 +120,8 @@ def load_compiled(path: str | Path, art: str | Path | None = None, target: str |
     if sha256(art / MANIFEST) != cm["artifact"]["manifest_sha256"]:
         raise CompiledError(f"{path}: compiled from a different artifact than {art} (manifest hash differs)")
     for g in GRAPHS:
+        if g not in cm["graphs"]:
+            raise CompiledError(f"{path}: compiled without the {g} graph (dsv4 compile --graphs); recompile both")
         lib = path / cm["graphs"][g]["library"]
         if not lib.is_file():
             raise CompiledError(f"{lib}: missing (listed in {mpath})")

@@ -27,6 +27,7 @@ Why these ops and not the others:
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import relax, te, tirx
 
 F32 = "float32"
@@ -127,7 +128,13 @@ def emit_kernel(bb: relax.BlockBuilder, te_fn, *args, name: str, rows: int | Non
     attrs = {"op_pattern": OPAQUE}
     if rows is not None:
         attrs |= {"dsv4.rows": rows, "dsv4.per": per}
-    bb.update_func(gvar, bb.get()[gvar].with_attrs(attrs))
+    func = bb.get()[gvar].with_attrs(attrs)
+    bb.update_func(gvar, func)
+    for gv, other in bb.get().functions_items():  # the same kernel for another call site: call that one
+        if gv.name_hint != gvar.name_hint and gv.name_hint.startswith(name) and \
+                tvm_ffi.structural_equal(other, func, map_free_vars=True):
+            call = relax.Call(call.op, [gv, *call.args[1:]], call.attrs, call.ty_args)
+            break
     return bb.emit(call)
 
 
@@ -212,7 +219,7 @@ def compress(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
     """Gated softmax pooling of m-row blocks, overlapping halves when overlap=1 (kernels.compress)."""
     kv, score, prev_kv, prev_score = inputs[:4]
     return emit_kernel(bb, _compress_te, kv, score, prev_kv, prev_score, bool(attrs.get("overlap", 0)),
-                       acc_dtype(kv, score), name="dsv4_compress", rows=2, per="block")
+                       acc_dtype(kv, score), name="dsv4_compress", rows=3, per="thread")
 
 
 # ---- HcSplitSinkhorn -------------------------------------------------------------------------------------------
@@ -329,18 +336,40 @@ def mxfp4_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Ex
 FP8_MAX = 448.0
 
 
-def _fp8_round_te(x):
-    """Round to the nearest e4m3fn value, ties to even, saturating at +-448 (ONNX Cast, saturate=1), in fp32.
-    The quantum of |x| is 2^(max(E, -6) - 3) with E its binary exponent, read from the IEEE bits."""
-    def f(*i):
-        v = _up(x[i], F32)
-        a = tirx.abs(v)
-        e = tirx.bitwise_and(tirx.shift_right(tirx.reinterpret("int32", a), 23), 255) - 127
-        q = _bits((tirx.max(e, -6) - 3 + 127) * (1 << 23))
-        r = tirx.min(tirx.nearbyint(a / q) * q, tirx.const(FP8_MAX, F32))
-        return tirx.Select(tirx.isnan(v), v, tirx.Select(v < 0, -r, r))
+_FLOAT_BITS = {"float32": ("int32", 23, 127, 255), "float64": ("int64", 52, 1023, 2047)}  # int, mantissa, bias, exp
 
-    return te.compute(x.shape, f, name="fp8")
+
+def _pow2(e: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    """2^e as a `dtype` float built from its bits (e in the normal range)."""
+    itype, mant, bias, _ = _FLOAT_BITS[dtype]
+    return tirx.reinterpret(dtype, tirx.shift_left((e + bias).astype(itype), tirx.const(mant, itype)))
+
+
+def ceil_pow2(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^ceil(log2 v) for a positive normal float, exactly, from its IEEE bits (quant.ceil_pow2)."""
+    dtype = _dt(v)
+    itype, mant, _, _ = _FLOAT_BITS[dtype]
+    bits = tirx.reinterpret(itype, v)
+    frac = tirx.bitwise_and(bits, tirx.const((1 << mant) - 1, itype))
+    return tirx.Select(frac == 0, v, tirx.reinterpret(dtype, bits - frac + tirx.const(1 << mant, itype)))
+
+
+def _fp8_round_expr(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """v rounded to the nearest e4m3fn value in one step, ties to even, saturating at +-448 (ONNX Cast,
+    saturate=1). The quantum of |v| is 2^(max(E, -6) - 3), E its binary exponent read from the IEEE bits."""
+    dtype = _dt(v)
+    itype, mant, bias, emask = _FLOAT_BITS[dtype]
+    a = tirx.abs(v)
+    e = tirx.bitwise_and(tirx.shift_right(tirx.reinterpret(itype, a), tirx.const(mant, itype)),
+                         tirx.const(emask, itype)) - tirx.const(bias, itype)
+    q = _pow2(tirx.max(e, tirx.const(-6, itype)) - tirx.const(3, itype), dtype)
+    r = tirx.min(tirx.nearbyint(a / q) * q, tirx.const(FP8_MAX, dtype))
+    return tirx.Select(tirx.isnan(v), v, tirx.Select(v < tirx.const(0, dtype), -r, r))
+
+
+def _fp8_round_te(x):
+    acc = "float64" if x.dtype == "float64" else F32
+    return te.compute(x.shape, lambda *i: _fp8_round_expr(_up(x[i], acc)), name="fp8")
 
 
 def fp8_round(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
@@ -348,8 +377,68 @@ def fp8_round(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     return bb.emit_te(_fp8_round_te, x, primfunc_name_hint="dsv4_fp8_round")  # elementwise: may fuse
 
 
+# ---- MoEExperts: the routed experts of one MoE layer, gathered --------------------------------------------------
+def _qdq_te(x, block: int, name: str):
+    """FP8 act quantise/dequantise of x [N, J] per `block` columns with power-of-two scales (quant.fp8_act_qdq)."""
+    n_, j_ = x.shape
+    r = te.reduce_axis((0, block), f"{name}_r")
+    amax = te.compute((n_, j_ // block), lambda n, b: te.max(tirx.abs(x[n, b * block + r]), axis=r),
+                      name=f"{name}_amax")
+
+    dt = x.dtype
+
+    def f(n, j):
+        s = ceil_pow2(tirx.max(amax[n, j // block], tirx.const(1e-4, dt)) * tirx.const(1.0 / FP8_MAX, dt))
+        v = tirx.min(tirx.max(x[n, j] / s, tirx.const(-FP8_MAX, dt)), tirx.const(FP8_MAX, dt))
+        return _fp8_round_expr(v) * s
+
+    return te.compute(x.shape, f, name=f"{name}_qdq")
+
+
+def _moe_experts_te(x, weights, idx, w1, w2, w3, limit: float, act_quant: bool, acc: str):
+    n_, d_ = x.shape
+    k_ = idx.shape[1]
+    e_, i_ = w1.shape[0], w1.shape[1]
+    xin = _qdq_te(te.compute(x.shape, lambda n, d: _up(x[n, d], acc), name="xf"), FP8_BLOCK, "x") if act_quant \
+        else x
+
+    def expert(n, j):
+        return tirx.min(tirx.max(idx[n, j // i_], tirx.const(0, idx.dtype)), (e_ - 1).astype(idx.dtype))
+
+    d1 = te.reduce_axis((0, d_), "d1")
+    g = te.compute((n_, k_ * i_), lambda n, j: te.sum(
+        _up(xin[n, d1], acc) * _up(w1[expert(n, j), j % i_, d1], acc), axis=d1), name="g")
+    d3 = te.reduce_axis((0, d_), "d3")
+    u = te.compute((n_, k_ * i_), lambda n, j: te.sum(
+        _up(xin[n, d3], acc) * _up(w3[expert(n, j), j % i_, d3], acc), axis=d3), name="u")
+    lim = tirx.const(limit if limit > 0 else float("inf"), acc)
+
+    def swiglu(n, j):
+        a = tirx.min(g[n, j], lim)
+        b = tirx.min(tirx.max(u[n, j], -lim), lim)
+        return a * tirx.sigmoid(a) * b * _up(weights[n, j // i_], acc)
+
+    h = te.compute((n_, k_ * i_), swiglu, name="h")
+    if act_quant:
+        h = _qdq_te(h, FP8_BLOCK, "h")
+    r = te.reduce_axis((0, k_ * i_), "r")
+    return te.compute((n_, d_), lambda n, d: te.sum(
+        h[n, r] * _up(w2[expert(n, r), d, r % i_], acc), axis=r), name="y")
+
+
+def moe_experts(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
+    """sum_k w[n,k] * SwiGLU expert idx[n,k] on token n, only the selected experts computed (kernels.moe_experts):
+    the expert weights are gathered per (token, slot), never run densely over all E experts as the body does."""
+    x, weights, idx, w1, w2, w3 = inputs[:6]
+    act_quant = bool(attrs.get("act_quant", 0))
+    if act_quant and any(isinstance(v, tirx.IntImm) and int(v) % FP8_BLOCK for v in (shape_of(x)[-1], shape_of(w1)[1])):
+        raise ValueError(f"MoEExperts lowering: act_quant needs widths that are multiples of {FP8_BLOCK}")
+    return emit_kernel(bb, _moe_experts_te, x, weights, idx, w1, w2, w3, float(attrs.get("swiglu_limit", 0.0)),
+                       act_quant, acc_dtype(x, w1), name="dsv4_moe_experts", rows=1, per="block")
+
+
 # ---- the fused MoE (issue [4]) ---------------------------------------------------------------------------------
-# When the MoE pass's fused op gets its registry row, its lowering goes here, after the rows above it in the
-# registry: gate/top-k inputs, grouped expert GEMMs over packed weights (reuse fp8_e4m3 / e2m1 / e8m0 above),
-# SwiGLU and the weighted combine, as one function `moe(bb, inputs, attrs)`; then set the row's tvm face to
-# "dsv4.runtimes.tvm.lowerings:moe". Until then MoEExperts runs its body.
+# dsv4.MoE (passes/fuse_moe.py) runs its body on TVM: the gate (sqrt-softplus scores, TopK or hash routing,
+# normalised weights) as standard ops, then dsv4.MoEExperts, which is the kernel above. A lowering of MoE itself
+# belongs here when the routing should join the expert kernel, or when MoE takes the packed expert weights
+# (today the pass feeds it float stacks, dequantised by Mxfp4Dequant / Fp8Dequant kernels first).
