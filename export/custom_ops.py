@@ -126,7 +126,7 @@ REGISTRY: tuple[OpRow, ...] = (
     OpRow("MoEExperts", "dsv4.export.custom_ops:moe_experts_reference", "dsv4::moe_experts",
           (("x", "T"), ("weights", "F"), ("idx", _I64), ("w1", "T"), ("w2", "T"), ("w3", "T")), (("y", "F"),),
           (("swiglu_limit", _A.FLOAT), ("act_quant", _A.INT)), sample=_S + "sample_moe_experts",
-          doc="routed SwiGLU experts of one MoE layer over stacked float expert weights [E, out, in]"),
+          tvm=_TVM + "moe_experts", doc="routed SwiGLU experts of one MoE layer over stacked float expert weights [E, out, in]"),
     OpRow("MoE", "dsv4.export.custom_ops:moe_reference", None,
           (("x", "T"), ("gate_weight", "T"), ("bias", "F"), ("tid2eid", _I64), ("ids", _I64), ("w1", "T"), ("w2", "T"),
            ("w3", "T"), ("shared", "F")), (("y", "F"),),
