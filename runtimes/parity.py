@@ -139,9 +139,11 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
 
 def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = None, steps: int = 64,
                prompt_len: int = 300, batch: int = 1, seed: int = 0, providers: list[str] | None = None,
-               optimization: str = "all", threads: int | None = None, verify: bool = True) -> ParityReport:
-    """Compare the artifact `art` (ONNX Runtime) with the eager model (`model`, else rebuilt from `checkpoint`
-    or the manifest's source) on a prompt of `prompt_len` ids drawn with `seed`, then `steps` greedy steps."""
+               optimization: str = "all", threads: int | None = None, verify: bool = True, backend: str = "ort",
+               tvm_options: dict | None = None) -> ParityReport:
+    """Compare the artifact `art` (ONNX Runtime, or TVM with backend="tvm": `tvm_options` go to its Generator,
+    e.g. target / compiled) with the eager model (`model`, else rebuilt from `checkpoint` or the manifest's
+    source) on a prompt of `prompt_len` ids drawn with `seed`, then `steps` greedy steps."""
     from dsv4.runtimes.ort import Generator
 
     man = load_manifest(art, verify=verify)
@@ -152,10 +154,18 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
     with tempfile.TemporaryDirectory(prefix="dsv4-parity-") as tmp:
         m = model if model is not None else eager_model(man, checkpoint, Path(tmp))
     m = m.eval()
-    gen = Generator(art, providers=providers, optimization=optimization, threads=threads, verify=False)
+    if backend == "tvm":
+        from dsv4.runtimes.tvm import Generator as TVMGenerator
+
+        gen = TVMGenerator(art, verify=False, **(tvm_options or {}))
+    elif backend == "ort":
+        gen = Generator(art, providers=providers, optimization=optimization, threads=threads, verify=False)
+    else:
+        raise ValueError(f"parity: backend {backend!r} is not one of ort, tvm")
     ids = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     rep = ParityReport(str(art), list(key), asdict(tol), {"batch": batch, "length": prompt_len, "seed": seed,
-                                                           "steps": steps, "optimization": optimization})
+                                                           "steps": steps, "optimization": optimization,
+                                                           "backend": backend})
     names = gen.names
 
     def check(prefix: str, ref_logits, logits, ref_state, state):

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--providers", help="comma-separated ONNX Runtime execution providers")
+    p.add_argument("--backend", default="ort", choices=("ort", "tvm"), help="runtime that runs the artifact")
+    p.add_argument("--tvm-target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"), help="with --backend tvm")
+    p.add_argument("--compiled", help="with --backend tvm: a `dsv4 compile` directory (default: compile now)")
     p.set_defaults(func=run)
 
 
@@ -33,9 +36,14 @@ def parse_ids(s: str) -> list[list[int]]:
 def run(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from dsv4.runtimes.ort import Generator
+    if a.backend == "tvm":
+        from dsv4.runtimes.tvm import Generator as TVMGenerator
 
-    gen = Generator(a.artifact, providers=a.providers.split(",") if a.providers else None)
+        gen = TVMGenerator(a.artifact, compiled=a.compiled, target=a.tvm_target)
+    else:
+        from dsv4.runtimes.ort import Generator
+
+        gen = Generator(a.artifact, providers=a.providers.split(",") if a.providers else None)
     tok = None
     if a.prompt is not None:
         tok = _tokenizer(gen)

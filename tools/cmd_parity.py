@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     p.add_argument("--optimization", default="all", choices=("all", "extended", "basic", "disable"),
                    help="ONNX Runtime graph optimization level")
+    p.add_argument("--backend", default="ort", choices=("ort", "tvm"), help="runtime that runs the artifact")
+    p.add_argument("--tvm-target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"), help="with --backend tvm")
+    p.add_argument("--compiled", help="with --backend tvm: a `dsv4 compile` directory (default: compile now)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -26,7 +29,8 @@ def run(a: argparse.Namespace) -> int:
     from dsv4.runtimes.parity import render, run_parity
 
     rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
-                     seed=a.seed, optimization=a.optimization)
+                     seed=a.seed, optimization=a.optimization, backend=a.backend,
+                     tvm_options={"target": a.tvm_target, "compiled": a.compiled})
     if a.json:
         print(json.dumps(rep.to_json(), indent=2, default=float))
     else:
