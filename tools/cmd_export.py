@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="packed (default: FP8/FP4 stay packed, dequantised in-graph) or a float dtype")
     p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulation")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -32,7 +33,7 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
                           weights=a.weights, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
-                          overwrite=a.force, transform=_pipeline(), progress=None if not a.no_progress else False)
+                          overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False)
     Console().print(summary(res.manifest, res.path))
     return 0
 
@@ -61,7 +62,24 @@ def summary(man: dict, path) -> object:
                   f"{secs:.1f} s")
     w = man["files"][man["weights_file"]]["bytes"]
     t.add_row("weights", "", "", "", _size(w), f"{man['export_seconds'].get('weights', 0):.1f} s")
-    return t
+    return _with_passes(t, man)
+
+
+def _with_passes(table, man: dict):
+    """The export table, and under it the per-pass counts of each graph (issue [4]; none with --no-passes)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    graphs = {g: info.get("pass_counts") or {} for g, info in man["graphs"].items()}
+    if not any(graphs.values()):
+        return Group(table, "passes: none (raw graph)")
+    p = Table(title=f"passes ({man['target']})")
+    p.add_column("pass")
+    for g in graphs:
+        p.add_column(g)
+    for name in dict.fromkeys(k for c in graphs.values() for k in c):
+        p.add_row(name, *(", ".join(f"{k} {v}" for k, v in c.get(name, {}).items() if v) or "-" for c in graphs.values()))
+    return Group(table, p)
 
 
 def _size(n: int) -> str:

@@ -12,6 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=15, help="op types shown per graph")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--layers", action="store_true",
+                   help="per decoder layer, the nodes ORT executes (bodies inlined) before and after the target's passes")
+    p.add_argument("--graph", default="decode", choices=("prefill", "decode"), help="graph of the --layers report")
     p.set_defaults(func=run)
 
 
@@ -21,6 +24,8 @@ def run(a: argparse.Namespace) -> int:
 
     from dsv4.export.artifact import inspect_artifact
 
+    if a.layers:
+        return _layers(a)
     info = inspect_artifact(a.artifact, verify=a.verify)
     if a.json:
         print(json.dumps(info, indent=2))
@@ -48,4 +53,33 @@ def run(a: argparse.Namespace) -> int:
     for dt, d in info["weights_by_dtype"].items():
         w.add_row(dt, str(d["tensors"]), f"{d['elements']:,}", f"{d['bytes']:,}")
     con.print(w)
+    return 0
+
+
+def _layers(a: argparse.Namespace) -> int:
+    """``--layers``: passes/census.py on one graph; an artifact exported with passes shows the same on both sides."""
+    from pathlib import Path
+
+    import onnx_ir as ir
+    from rich.console import Console
+    from rich.table import Table
+
+    from dsv4.export.artifact import load_manifest
+    from dsv4.passes.census import PARTS, before_after
+
+    man = load_manifest(a.artifact, verify=a.verify)
+    rep = before_after(ir.load(Path(a.artifact) / man["graphs"][a.graph]["file"]), man["target"])
+    if a.json:
+        print(json.dumps({k: {**v, "moe_after": dict(v["moe_after"])} for k, v in rep.items()}, indent=2))
+        return 0
+    t = Table(title=f"{a.graph}: nodes ORT executes per layer, raw -> after the {man['target']} passes"
+              + ("  (this artifact was exported with passes)" if man["graphs"][a.graph].get("pass_counts") else ""))
+    for c in ("layer", "total", *PARTS, "MoE part after"):
+        t.add_column(c, justify="left" if c in ("layer", "MoE part after") else "right")
+    for layer, r in rep.items():
+        b, f = r["before"], r["after"]
+        moe = ", ".join(f"{k}×{v}" for k, v in r["moe_after"].most_common() if "." in k) or "-"
+        t.add_row(layer, f"{b.get('total', 0)} -> {f.get('total', 0)}",
+                  *(f"{b.get(p, 0)} -> {f.get(p, 0)}" for p in PARTS), moe)
+    Console().print(t)
     return 0
