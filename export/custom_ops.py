@@ -251,15 +251,15 @@ def translation_table() -> dict:
 
 
 # ---- after export: bodies as model-local functions -----------------------------------------------------------
-def _callees(nodes) -> set[str]:
-    """dsv4 op types used by `nodes`, including inside If/Loop subgraphs."""
+def dsv4_op_types(nodes) -> set[str]:
+    """dsv4 op types used by `nodes` (NodeProtos), including inside If/Loop subgraphs."""
     out = set()
     for n in nodes:
         if n.domain == DOMAIN:
             out.add(n.op_type)
         for a in n.attribute:
             for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out |= _callees(g.node)
+                out |= dsv4_op_types(g.node)
     return out
 
 
@@ -321,7 +321,7 @@ def attach_functions(model: ir.Model, compute: str = "float32") -> list[str]:
         proto = ROWS[name].body.to_function_proto()
         if compute == "float64" and ROWS[name].computes_in_type():
             _to_double(proto.node)
-        callees = _callees(proto.node)
+        callees = dsv4_op_types(proto.node)
         for imp in proto.opset_import:
             if imp.domain == "":
                 imp.version = opset

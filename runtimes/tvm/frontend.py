@@ -80,23 +80,12 @@ def lowering_of(op: str):
     return custom_ops.load(row.tvm)
 
 
-def _dsv4_ops(nodes) -> set[str]:
-    out = set()
-    for n in nodes:
-        if n.domain == DOMAIN:
-            out.add(n.op_type)
-        for a in n.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out |= _dsv4_ops(g.node)
-    return out
-
-
 def coverage(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """(lowered, inlined) dsv4 ops reachable from the graph; raises MissingOpsError listing every op with
     neither a lowering nor a body (also ops reached only through other bodies)."""
     bodies = {f.name: f for f in model.functions if f.domain == DOMAIN}
     lowered, inlined, missing = set(), set(), {}
-    todo, seen = _dsv4_ops(model.graph.node), set()
+    todo, seen = custom_ops.dsv4_op_types(model.graph.node), set()
     while todo:
         op = todo.pop()
         seen.add(op)
@@ -109,7 +98,7 @@ def coverage(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
             lowered.add(op)
         elif op in bodies:
             inlined.add(op)
-            todo |= _dsv4_ops(bodies[op].node) - seen
+            todo |= custom_ops.dsv4_op_types(bodies[op].node) - seen
         else:
             missing[op] = ("not in the registry (export/custom_ops.py)" if op not in custom_ops.ROWS
                            else "no TVM lowering and no function body in the model")
