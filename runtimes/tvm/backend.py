@@ -9,8 +9,6 @@ shared external-data file once and hands the same device tensors to the prefill 
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -277,23 +275,4 @@ class CompiledGraph:
         if missing:
             raise KeyError(f"missing graph inputs: {', '.join(missing)}")
         outs = self._fn(*[self.tensor(feeds[n]) for n in self.inputs], *self._weights)
-        if len(self.outputs) == 1 and not isinstance(outs, tvm.ir.container.Array | list | tuple):
-            outs = [outs]
-        return dict(zip(self.outputs, outs))
-
-
-@contextlib.contextmanager
-def threads(n: int | None):
-    """TVM's CPU thread pool size for the block (TVM_NUM_THREADS is read when the pool starts)."""
-    if n is None:
-        yield
-        return
-    old = os.environ.get("TVM_NUM_THREADS")
-    os.environ["TVM_NUM_THREADS"] = str(n)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = old
+        return dict(zip(self.outputs, [outs] if isinstance(outs, tvm.runtime.Tensor) else outs))

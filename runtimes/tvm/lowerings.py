@@ -8,11 +8,7 @@ inlined before import (frontend.py).
 
 Each kernel is a PrimFunc named ``dsv4_<op>`` (the CUDA kernels are ``dsv4_<op>_kernel*``), computes in fp32
 like the eager reference (models/kernels.py) and casts back to the activation dtype where the reference does.
-Packed weights are decoded inside the kernels with exact bit arithmetic (no lookup tables):
-
-* E8M0 code c -> 2^(c-127) (c = 0 is the fp32 subnormal 2^-127, c = 255 NaN);
-* FP8 e4m3fn byte -> sign * (8+m) * 2^(e-10), or m * 2^-9 when e = 0, NaN for S.1111.111;
-* e2m1 nibble -> sign * {0, .5, 1, 1.5, 2, 3, 4, 6}[code & 7].
+Packed weights are decoded inside the kernels with exact bit arithmetic, no lookup tables (formats.py).
 
 Why these ops and not the others:
 * Fp8Linear / Mxfp4Linear: the dequant is fused into the matmul's reduction, so no float copy of the weight is
@@ -30,9 +26,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 
-F32 = "float32"
-FP8_BLOCK = 128  # models/config.FP8_BLOCK (the weight tile), repeated to keep this file free of torch imports
-FP4_BLOCK = 32  # models/config.FP4_BLOCK
+from .formats import F32, FP4_BLOCK, FP8_BLOCK, FP8_MAX, ceil_pow2, e2m1, e8m0, fp8_e4m3, fp8_round_expr, nibble, up
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -60,16 +54,8 @@ def acc_dtype(*xs: relax.Expr) -> str:
     return "float64" if any(dtype_of(x) == "float64" for x in xs) else F32
 
 
-def _dt(v: tirx.PrimExpr) -> str:
-    """dtype of a TIR expression (TVM 0.27: a Var's type lives in ``.ty``)."""
-    try:
-        return str(v.dtype)
-    except AttributeError:
-        return str(v.ty)
 
 
-def _up(v: tirx.PrimExpr, acc: str = F32) -> tirx.PrimExpr:
-    return v if _dt(v) == acc else v.astype(acc)
 
 
 def _scalar_input(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | float:
@@ -79,40 +65,14 @@ def _scalar_input(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr | float:
     return bb.normalize(relax.op.reshape(x, [1]))
 
 
-def _bits(v: int | tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.reinterpret(F32, tirx.const(v, "int32") if isinstance(v, int) else v)
 
 
-def e8m0(code: tirx.PrimExpr) -> tirx.PrimExpr:
-    """uint8 E8M0 code -> fp32 2^(c-127), exactly (quant.e8m0_decode)."""
-    c = code.astype("int32")
-    return tirx.Select(c == 0, _bits(0x00400000), tirx.Select(c == 255, _bits(0x7FC00000), _bits(c * (1 << 23))))
 
 
-def fp8_e4m3(byte: tirx.PrimExpr) -> tirx.PrimExpr:
-    """uint8 e4m3fn byte -> fp32, exactly."""
-    b = byte.astype("int32")
-    e = tirx.bitwise_and(tirx.shift_right(b, 3), 15)
-    m = tirx.bitwise_and(b, 7)
-    normal = _bits((e + 120) * (1 << 23) + m * (1 << 20))  # (1 + m/8) * 2^(e-7)
-    mag = tirx.Select(e == 0, m.astype(F32) * tirx.const(2.0**-9, F32), normal)
-    mag = tirx.Select(tirx.all(e == 15, m == 7), _bits(0x7FC00000), mag)
-    return tirx.Select(b >= 128, -mag, mag)
 
 
-def e2m1(code: tirx.PrimExpr) -> tirx.PrimExpr:
-    """e2m1 code (0..15, int32) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negations."""
-    e = tirx.bitwise_and(tirx.shift_right(code, 1), 3)
-    half = tirx.bitwise_and(code, 1).astype(F32) * tirx.const(0.5, F32)
-    pow2 = tirx.shift_left(tirx.const(1, "int32"), tirx.max(e - 1, 0)).astype(F32)
-    mag = tirx.Select(e == 0, half, (tirx.const(1.0, F32) + half) * pow2)
-    return tirx.Select(code >= 8, -mag, mag)
 
 
-def nibble(packed: tirx.PrimExpr, k: tirx.PrimExpr) -> tirx.PrimExpr:
-    """e2m1 code of element k of a packed row (element 2j = low nibble of byte j)."""
-    b = packed.astype("int32")
-    return tirx.Select(tirx.floormod(k, 2) == 0, tirx.bitwise_and(b, 15), tirx.shift_right(b, 4))
 
 
 OPAQUE = 8  # relax op pattern kOpaque: FuseOps leaves the kernel whole (and its schedule hints with it)
@@ -151,29 +111,29 @@ def _sparse_attn_te(q, kv, sink, idx, scale, acc: str):
     b_, t_, h_, d_ = q.shape
     k_ = idx.shape[2]
     neg = tirx.min_value(acc)  # masked logits: exp(neg - max) is exactly 0, without inf arithmetic
-    sc = tirx.const(scale, acc) if isinstance(scale, float) else _up(scale[0], acc)
+    sc = tirx.const(scale, acc) if isinstance(scale, float) else up(scale[0], acc)
 
     def row(b, t, k):
         return tirx.max(idx[b, t, k], tirx.const(0, idx.dtype))
 
     d = te.reduce_axis((0, d_), "d")
     dot = te.compute((b_, t_, h_, k_), lambda b, t, h, k: te.sum(
-        _up(q[b, t, h, d], acc) * _up(kv[b, row(b, t, k), d], acc), axis=d), name="dot")
+        up(q[b, t, h, d], acc) * up(kv[b, row(b, t, k), d], acc), axis=d), name="dot")
 
     def masked(b, t, h, k):
         return tirx.Select(idx[b, t, k] >= 0, dot[b, t, h, k] * sc, neg)
 
     k1 = te.reduce_axis((0, k_), "k1")
     mxk = te.compute((b_, t_, h_), lambda b, t, h: te.max(masked(b, t, h, k1), axis=k1), name="mx")
-    mx = te.compute((b_, t_, h_), lambda b, t, h: tirx.max(mxk[b, t, h], _up(sink[h], acc)), name="mx_sink")
+    mx = te.compute((b_, t_, h_), lambda b, t, h: tirx.max(mxk[b, t, h], up(sink[h], acc)), name="mx_sink")
     k2 = te.reduce_axis((0, k_), "k2")
     den = te.compute((b_, t_, h_), lambda b, t, h: te.sum(tirx.exp(masked(b, t, h, k2) - mx[b, t, h]), axis=k2),
                      name="den")
     k3 = te.reduce_axis((0, k_), "k3")
     num = te.compute((b_, t_, h_, d_), lambda b, t, h, j: te.sum(
-        tirx.exp(masked(b, t, h, k3) - mx[b, t, h]) * _up(kv[b, row(b, t, k3), j], acc), axis=k3), name="num")
+        tirx.exp(masked(b, t, h, k3) - mx[b, t, h]) * up(kv[b, row(b, t, k3), j], acc), axis=k3), name="num")
     return te.compute((b_, t_, h_, d_), lambda b, t, h, j: (num[b, t, h, j] / (
-        den[b, t, h] + tirx.exp(_up(sink[h], acc) - mx[b, t, h]))).astype(q.dtype), name="o")
+        den[b, t, h] + tirx.exp(up(sink[h], acc) - mx[b, t, h]))).astype(q.dtype), name="o")
 
 
 def sparse_attn(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
@@ -198,10 +158,10 @@ def _compress_te(kv, score, prev_kv, prev_score, overlap: bool, acc: str):
     def pick(cur, prev, b, i, r, ch):
         """Row r of the pooled rows of block i: with overlap, rows < m are the lower half of block i-1."""
         if not overlap:
-            return _up(cur[b, i, r, ch], acc)
-        lo = tirx.Select(i == 0, _up(prev[b, tirx.min(r, m - 1), ch], acc),
-                         _up(cur[b, tirx.max(i - 1, 0), tirx.min(r, m - 1), ch], acc))
-        return tirx.Select(r < m, lo, _up(cur[b, i, tirx.max(r - m, 0), ch + d_], acc))
+            return up(cur[b, i, r, ch], acc)
+        lo = tirx.Select(i == 0, up(prev[b, tirx.min(r, m - 1), ch], acc),
+                         up(cur[b, tirx.max(i - 1, 0), tirx.min(r, m - 1), ch], acc))
+        return tirx.Select(r < m, lo, up(cur[b, i, tirx.max(r - m, 0), ch + d_], acc))
 
     r1 = te.reduce_axis((0, rows), "r1")
     mx = te.compute((b_, nb, d_), lambda b, i, ch: te.max(pick(score, prev_score, b, i, r1, ch), axis=r1), name="mx")
@@ -271,7 +231,7 @@ def _fp8_linear_te(x, w, s, acc: str):
     m_, i_ = x.shape
     o_ = w.shape[0]
     k = te.reduce_axis((0, i_), "k")
-    y = te.compute((m_, o_), lambda m, o: te.sum(_up(x[m, k], acc) * _up(
+    y = te.compute((m_, o_), lambda m, o: te.sum(up(x[m, k], acc) * up(
         fp8_e4m3(w[o, k]) * e8m0(s[o // FP8_BLOCK, k // FP8_BLOCK]), acc), axis=k), name="y")
     return _cast(y, x.dtype)
 
@@ -280,7 +240,7 @@ def _mxfp4_linear_te(x, w, s, acc: str):
     m_, k_ = x.shape
     o_ = w.shape[0]
     k = te.reduce_axis((0, k_), "k")
-    y = te.compute((m_, o_), lambda m, o: te.sum(_up(x[m, k], acc) * _up(
+    y = te.compute((m_, o_), lambda m, o: te.sum(up(x[m, k], acc) * up(
         e2m1(nibble(w[o, k // 2], k)) * e8m0(s[o, k // FP4_BLOCK]), acc), axis=k), name="y")
     return _cast(y, x.dtype)
 
@@ -333,43 +293,19 @@ def mxfp4_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Ex
 
 
 # ---- FP8 rounding (not a registry op: the graph's Cast to FLOAT8E4M3FN, see importer_fixes.Cast) ---------------
-FP8_MAX = 448.0
 
 
-_FLOAT_BITS = {"float32": ("int32", 23, 127, 255), "float64": ("int64", 52, 1023, 2047)}  # int, mantissa, bias, exp
 
 
-def _pow2(e: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    """2^e as a `dtype` float built from its bits (e in the normal range)."""
-    itype, mant, bias, _ = _FLOAT_BITS[dtype]
-    return tirx.reinterpret(dtype, tirx.shift_left((e + bias).astype(itype), tirx.const(mant, itype)))
 
 
-def ceil_pow2(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2^ceil(log2 v) for a positive normal float, exactly, from its IEEE bits (quant.ceil_pow2)."""
-    dtype = _dt(v)
-    itype, mant, _, _ = _FLOAT_BITS[dtype]
-    bits = tirx.reinterpret(itype, v)
-    frac = tirx.bitwise_and(bits, tirx.const((1 << mant) - 1, itype))
-    return tirx.Select(frac == 0, v, tirx.reinterpret(dtype, bits - frac + tirx.const(1 << mant, itype)))
 
 
-def _fp8_round_expr(v: tirx.PrimExpr) -> tirx.PrimExpr:
-    """v rounded to the nearest e4m3fn value in one step, ties to even, saturating at +-448 (ONNX Cast,
-    saturate=1). The quantum of |v| is 2^(max(E, -6) - 3), E its binary exponent read from the IEEE bits."""
-    dtype = _dt(v)
-    itype, mant, bias, emask = _FLOAT_BITS[dtype]
-    a = tirx.abs(v)
-    e = tirx.bitwise_and(tirx.shift_right(tirx.reinterpret(itype, a), tirx.const(mant, itype)),
-                         tirx.const(emask, itype)) - tirx.const(bias, itype)
-    q = _pow2(tirx.max(e, tirx.const(-6, itype)) - tirx.const(3, itype), dtype)
-    r = tirx.min(tirx.nearbyint(a / q) * q, tirx.const(FP8_MAX, dtype))
-    return tirx.Select(tirx.isnan(v), v, tirx.Select(v < tirx.const(0, dtype), -r, r))
 
 
 def _fp8_round_te(x):
     acc = "float64" if x.dtype == "float64" else F32
-    return te.compute(x.shape, lambda *i: _fp8_round_expr(_up(x[i], acc)), name="fp8")
+    return te.compute(x.shape, lambda *i: fp8_round_expr(up(x[i], acc)), name="fp8")
 
 
 def fp8_round(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
@@ -385,12 +321,12 @@ def _qdq_te(x, block: int, name: str):
     amax = te.compute((n_, j_ // block), lambda n, b: te.max(tirx.abs(x[n, b * block + r]), axis=r),
                       name=f"{name}_amax")
 
-    dt = x.dtype
+    ft = x.dtype
 
     def f(n, j):
-        s = ceil_pow2(tirx.max(amax[n, j // block], tirx.const(1e-4, dt)) * tirx.const(1.0 / FP8_MAX, dt))
-        v = tirx.min(tirx.max(x[n, j] / s, tirx.const(-FP8_MAX, dt)), tirx.const(FP8_MAX, dt))
-        return _fp8_round_expr(v) * s
+        s = ceil_pow2(tirx.max(amax[n, j // block], tirx.const(1e-4, ft)) * tirx.const(1.0 / FP8_MAX, ft))
+        v = tirx.min(tirx.max(x[n, j] / s, tirx.const(-FP8_MAX, ft)), tirx.const(FP8_MAX, ft))
+        return fp8_round_expr(v) * s
 
     return te.compute(x.shape, f, name=f"{name}_qdq")
 
@@ -399,7 +335,7 @@ def _moe_experts_te(x, weights, idx, w1, w2, w3, limit: float, act_quant: bool, 
     n_, d_ = x.shape
     k_ = idx.shape[1]
     e_, i_ = w1.shape[0], w1.shape[1]
-    xin = _qdq_te(te.compute(x.shape, lambda n, d: _up(x[n, d], acc), name="xf"), FP8_BLOCK, "x") if act_quant \
+    xin = _qdq_te(te.compute(x.shape, lambda n, d: up(x[n, d], acc), name="xf"), FP8_BLOCK, "x") if act_quant \
         else x
 
     def expert(n, j):
@@ -407,23 +343,23 @@ def _moe_experts_te(x, weights, idx, w1, w2, w3, limit: float, act_quant: bool, 
 
     d1 = te.reduce_axis((0, d_), "d1")
     g = te.compute((n_, k_ * i_), lambda n, j: te.sum(
-        _up(xin[n, d1], acc) * _up(w1[expert(n, j), j % i_, d1], acc), axis=d1), name="g")
+        up(xin[n, d1], acc) * up(w1[expert(n, j), j % i_, d1], acc), axis=d1), name="g")
     d3 = te.reduce_axis((0, d_), "d3")
     u = te.compute((n_, k_ * i_), lambda n, j: te.sum(
-        _up(xin[n, d3], acc) * _up(w3[expert(n, j), j % i_, d3], acc), axis=d3), name="u")
+        up(xin[n, d3], acc) * up(w3[expert(n, j), j % i_, d3], acc), axis=d3), name="u")
     lim = tirx.const(limit if limit > 0 else float("inf"), acc)
 
     def swiglu(n, j):
         a = tirx.min(g[n, j], lim)
         b = tirx.min(tirx.max(u[n, j], -lim), lim)
-        return a * tirx.sigmoid(a) * b * _up(weights[n, j // i_], acc)
+        return a * tirx.sigmoid(a) * b * up(weights[n, j // i_], acc)
 
     h = te.compute((n_, k_ * i_), swiglu, name="h")
     if act_quant:
         h = _qdq_te(h, FP8_BLOCK, "h")
     r = te.reduce_axis((0, k_ * i_), "r")
     return te.compute((n_, d_), lambda n, d: te.sum(
-        h[n, r] * _up(w2[expert(n, r), d, r % i_], acc), axis=r), name="y")
+        h[n, r] * up(w2[expert(n, r), d, r % i_], acc), axis=r), name="y")
 
 
 def moe_experts(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
