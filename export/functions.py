@@ -225,35 +225,35 @@ def MoEExperts(x, weights, idx, w1, w2, w3, swiglu_limit: float, act_quant: int)
     runs on every token: simple and exact; the MoE pass (issue [4]) replaces it with a sparse kernel.
     act_quant: FP8 qdq of the inputs of W1/W3 and W2, as the reference's quantised linears.
     """
-    xf = op.Cast(x, to=FLOAT)
     aq = op.Cast(op.Constant(value_int=act_quant), to=BOOL)
     # The qdq needs widths that are multiples of the block, which only quant_sim guarantees: an If (not a
     # Where) runs it only when act_quant=1, and its block is Where(act_quant, 128, 1) so that the untaken
     # branch still passes static shape inference when a width is not a multiple of 128.
     blk = op.Where(aq, op.Constant(value_ints=[FP8_BLOCK_I64]), op.Constant(value_ints=[1]))
     if aq:
-        xq = dsv4.Fp8ActQdq(xf, blk)
+        xq = dsv4.Fp8ActQdq(x, blk)
     else:
-        xq = op.Identity(xf)
+        xq = op.Identity(x)
     e = op.Cast(op.Shape(w1, end=1), to=INT64)
     eid = op.CumSum(op.ConstantOfShape(e, value=[1]), op.Constant(value_int=0)) - op.Constant(value_int=1)  # [E]
     hit = op.Cast(op.Equal(op.Unsqueeze(idx, [-1]), eid), to=FLOAT)  # [N,K,E]
     r = op.ReduceSum(hit * op.Unsqueeze(op.Cast(weights, to=FLOAT), [-1]), op.Constant(value_ints=[1]), keepdims=0)
     r = op.Unsqueeze(op.Transpose(r, perm=[1, 0]), [-1])  # [E,N,1]
-    xe = op.Unsqueeze(xq, [0])  # [1,N,D]
-    g = op.MatMul(xe, op.Transpose(w1, perm=[0, 2, 1]))  # [E,N,I]
-    u = op.MatMul(xe, op.Transpose(w3, perm=[0, 2, 1]))
+    xe = op.Unsqueeze(op.Cast(xq, to=FLOAT), [0])  # [1,N,D]
+    # the products are rounded to x's type like the reference (no-ops in fp32 models; fp16/bf16 models round)
+    g = op.Cast(op.CastLike(op.MatMul(xe, op.Transpose(op.Cast(w1, to=FLOAT), perm=[0, 2, 1])), x), to=FLOAT)
+    u = op.Cast(op.CastLike(op.MatMul(xe, op.Transpose(op.Cast(w3, to=FLOAT), perm=[0, 2, 1])), x), to=FLOAT)
     lim = op.Constant(value_float=swiglu_limit)
     lim = op.Where(op.Greater(lim, op.Constant(value_float=0.0)), lim, op.Constant(value_float=float("inf")))
-    g = op.Min(g, lim)
+    g = op.Min(g, lim)  # [E,N,I]
     u = op.Min(op.Max(u, op.Neg(lim)), lim)
-    h = g * op.Sigmoid(g) * u * r
+    h = op.CastLike(g * op.Sigmoid(g) * u * r, x)
     if aq:
         hq = dsv4.Fp8ActQdq(h, blk)
     else:
         hq = op.Identity(h)
-    y = op.MatMul(hq, op.Transpose(w2, perm=[0, 2, 1]))  # [E,N,D]
-    return op.ReduceSum(y, op.Constant(value_ints=[0]), keepdims=0)
+    y = op.MatMul(op.Cast(hq, to=FLOAT), op.Transpose(op.Cast(w2, to=FLOAT), perm=[0, 2, 1]))  # [E,N,D]
+    return op.ReduceSum(op.Cast(op.CastLike(y, x), to=FLOAT), op.Constant(value_ints=[0]), keepdims=0)
 
 
 # ---- one whole MoE layer: routing + routed experts + the shared expert's output (made by passes/fuse_moe.py) -----
