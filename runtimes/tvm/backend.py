@@ -104,7 +104,8 @@ def schedule_kernels(target: tvm.target.Target):
     def run(mod, _ctx):
         for gv, func in list(mod.functions_items()):
             if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "dsv4.rows" in func.attrs \
-                    and not func.attrs.get("tir.is_scheduled", False):
+                    and not func.attrs.get("tir.is_scheduled", False) \
+                    and not (is_cuda(target) and func.attrs["dsv4.per"] == "cpu"):
                 mod[gv] = _row_schedule(func, target)
         return mod
 

@@ -82,7 +82,8 @@ def emit_kernel(bb: relax.BlockBuilder, te_fn, *args, name: str, rows: int | Non
                 per: str = "thread") -> relax.Expr:
     """Emit ``te_fn(*args)`` as the PrimFunc `name`, with schedule hints for backend.schedule_kernels: the first
     `rows` axes of every stage index independent rows; per="thread" gives each row one GPU thread (small
-    rows), per="block" one thread block whose threads share the row's stages (long rows)."""
+    rows), per="block" one thread block whose threads share the row's stages (long rows), per="cpu" only
+    parallelises the rows on CPUs and leaves GPUs to dlight (GEMV / elementwise kernels)."""
     call = bb.call_te(te_fn, *args, primfunc_name_hint=name)
     gvar = call.args[0]
     attrs = {"op_pattern": OPAQUE}
@@ -252,7 +253,7 @@ def _cast(y, dtype: str):
 def _linear(bb, inputs, te_fn, name: str) -> relax.Expr:
     x, w, s = inputs[:3]
     flat, lead = _lead_flat(bb, x)
-    y = emit_kernel(bb, te_fn, flat, w, s, acc_dtype(x), name=name)
+    y = emit_kernel(bb, te_fn, flat, w, s, acc_dtype(x), name=name, rows=2, per="cpu")
     return bb.normalize(relax.op.reshape(y, [*lead, shape_of(w)[0]]))
 
 
@@ -284,12 +285,14 @@ def _mxfp4_dequant_te(w, s):
 
 def fp8_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
     """FP8 e4m3 bytes + E8M0 tile scales -> fp32, leading batch dims allowed (kernels.fp8_dequant)."""
-    return emit_kernel(bb, _fp8_dequant_te, inputs[0], inputs[1], name="dsv4_fp8_dequant")
+    return emit_kernel(bb, _fp8_dequant_te, inputs[0], inputs[1], name="dsv4_fp8_dequant",
+                       rows=len(shape_of(inputs[0])) - 1, per="cpu")
 
 
 def mxfp4_dequant(bb: relax.BlockBuilder, inputs: list, attrs: dict) -> relax.Expr:
     """Packed e2m1 + E8M0 scales per 32 -> fp32, leading batch dims allowed (kernels.mxfp4_dequant)."""
-    return emit_kernel(bb, _mxfp4_dequant_te, inputs[0], inputs[1], name="dsv4_mxfp4_dequant")
+    return emit_kernel(bb, _mxfp4_dequant_te, inputs[0], inputs[1], name="dsv4_mxfp4_dequant",
+                       rows=len(shape_of(inputs[0])) - 1, per="cpu")
 
 
 # ---- FP8 rounding (not a registry op: the graph's Cast to FLOAT8E4M3FN, see importer_fixes.Cast) ---------------
