@@ -140,10 +140,11 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
 def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = None, steps: int = 64,
                prompt_len: int = 300, batch: int = 1, seed: int = 0, providers: list[str] | None = None,
                optimization: str = "all", threads: int | None = None, verify: bool = True, backend: str = "ort",
-               tvm_options: dict | None = None) -> ParityReport:
+               tvm_options: dict | None = None, generator=None) -> ParityReport:
     """Compare the artifact `art` (ONNX Runtime, or TVM with backend="tvm": `tvm_options` go to its Generator,
     e.g. target / compiled) with the eager model (`model`, else rebuilt from `checkpoint` or the manifest's
-    source) on a prompt of `prompt_len` ids drawn with `seed`, then `steps` greedy steps."""
+    source) on a prompt of `prompt_len` ids drawn with `seed`, then `steps` greedy steps. `generator`: an already
+    built runtime Generator for `art` to use instead (benchmarks: a CUDA library is compiled once, when loaded)."""
     from dsv4.runtimes.ort import Generator
 
     man = load_manifest(art, verify=verify)
@@ -154,7 +155,9 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
     with tempfile.TemporaryDirectory(prefix="dsv4-parity-") as tmp:
         m = model if model is not None else eager_model(man, checkpoint, Path(tmp))
     m = m.eval()
-    if backend == "tvm":
+    if generator is not None:
+        gen = generator
+    elif backend == "tvm":
         from dsv4.runtimes.tvm import Generator as TVMGenerator
 
         gen = TVMGenerator(art, verify=False, **(tvm_options or {}))
