@@ -209,8 +209,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
     preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
 
-    weights: "packed" (FP8/MXFP4 stay packed; dequantised in-graph) or "float32"/"float16"/"bfloat16"
-    (dequantised here). max_seq_len / quant_sim override the config. transform(model, graph, target), e.g.
+    weights: "packed" (FP8/MXFP4 stay packed; dequantised in-graph) or "float32"/"float16"/"float64"
+    (dequantised here; float64 for exactness tests). max_seq_len / quant_sim override the config. transform(model, graph, target), e.g.
     ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
     """
