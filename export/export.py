@@ -303,8 +303,9 @@ def bind_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.T
     try:
         for name, v in wanted.items():
             shape = tuple(int(d) for d in v.shape)
-            if DERIVED in v.meta:  # derived(members) yields its parts from the members of stacked source weights
-                parts = v.meta[DERIVED](lambda n, dt, shp: (resolve(source, m, dt, tuple(shp[1:])) for m in stacks[n]))
+            if DERIVED in v.meta:  # a pass's re-layout of other weights (passes/derived.py), from their experts
+                parts = v.meta[DERIVED](lambda n, dt, shp: (resolve(source, m, dt, tuple(shp[1:])) for m in stacks[n])
+                                        if n in stacks else iter([resolve(source, n, dt, tuple(shp))]))
             elif name in stacks:
                 parts = (resolve(source, n, v.dtype, shape[1:]) for n in stacks[name])
             elif name in source:

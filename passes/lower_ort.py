@@ -20,13 +20,16 @@ What ORT's ops can and cannot hold, and how the lowering bridges it (V10 §2, §
   computed stacks (FP8 experts: e4m3 does not fit int8 blocks) are interleaved in the graph, once per call.
 
 Where the op cannot be exact the node keeps its function body, and ``check`` says why (act_quant, dtypes).
+
+FP8 weights (``Fp8Linear`` / ``Fp8Dequant`` on weight initializers) dequantise with ORT's own
+``DequantizeLinear``: FLOAT8E4M3FN bytes (the same bytes, retyped) with the E8M0 tile scales as fp32 repeated over
+the tile's rows, ``axis=-1, block_size=128``. The product is the lookup-table body's bit for bit (fp32 e4m3 value
+times a power of two), about 1.7x faster (4.9 vs 8.2 ms per 1M weights on the development machine).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -35,59 +38,19 @@ import torch
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from dsv4.export.export import DERIVED
 from dsv4.export.functions import DOMAIN, SOFTPLUS_THRESHOLD
 from dsv4.models import quant
-from dsv4.models.config import FP4_BLOCK
+from dsv4.models.config import FP4_BLOCK, FP8_BLOCK
 
 from . import _graph as g
 from .cleanup import Counted
+from .derived import derived_initializer, single_use
 from .fuse_moe import SCORING
 
 MS = "com.microsoft"
 QMOE_ENV = {"ORT_QMOE_CPU_QNBIT_GEMM": "fp32"}  # QMoE int8 blocks: dequantise + SGEMM (exact), not int8 activations
 QMOE_BITS = 8
 ZERO_POINT = 128  # QMoE's default 8-bit zero point
-
-
-# ---- derived weights -----------------------------------------------------------------------------------------
-Members = Callable[[str, ir.DataType, tuple[int, ...]], Iterator[torch.Tensor]]  # stacked name -> its experts
-
-
-@dataclass(frozen=True)
-class Derived:
-    """A weight computed expert by expert from stacked weights [E, ...] (a re-layout). export.bind_weights calls it
-    with a reader of the source's experts (``v.meta[DERIVED]``) and writes the parts back to back."""
-
-    sources: tuple[tuple[str, ir.DataType, tuple[int, ...]], ...]
-    fn: Callable[..., torch.Tensor]  # one expert's source slices -> its slice of this weight
-
-    def __call__(self, members: Members) -> Iterator[torch.Tensor]:
-        for parts in zip(*(members(n, dt, shape) for n, dt, shape in self.sources)):
-            yield self.fn(*parts).contiguous()
-
-
-def _from_values(values: list[ir.Value]) -> Members:
-    """Reader of experts from bound initializers (a model loaded from an artifact)."""
-    by_name = {v.name: v for v in values}
-
-    def members(name, dtype, shape):
-        arr = by_name[name].const_value.numpy()
-        return (torch.from_numpy(np.array(arr[e])) for e in range(arr.shape[0]))
-
-    return members
-
-
-def derived_initializer(op, name: str, dtype: ir.DataType, shape: tuple[int, ...], sources: list[ir.Value],
-                        fn: Callable[..., torch.Tensor]) -> ir.Value:
-    spec = Derived(tuple((v.name, v.dtype, tuple(int(d) for d in v.shape)) for v in sources), fn)
-
-    def evaluate():  # only when the sources hold data; during export bind_weights writes it instead
-        return ir.tensor(torch.stack(list(spec(_from_values(sources)))).numpy(), name=name)
-
-    value = op.initializer(ir.LazyTensor(evaluate, dtype, ir.Shape(shape), name=name), name=name)
-    value.meta[DERIVED] = spec
-    return value
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -212,8 +175,73 @@ class LowerMoE(pattern.RewriteRuleClassBase):
         return out
 
 
+# ---- FP8 weights: ORT's DequantizeLinear instead of the lookup table ----------------------------------------------
+def _fp8_weight(w: ir.Value, s: ir.Value) -> str | None:
+    """None when (w, s) are FP8 bytes + E8M0 tile scales held as initializers that nothing else reads."""
+    for name, v in (("weight", w), ("scale", s)):
+        if not v.is_initializer() or v.dtype != ir.DataType.UINT8 or v.shape is None:
+            return f"{name} {g.describe(v)} is not a uint8 initializer: dequantised by the body"
+        if not single_use(v):
+            return f"{name} {v.name} is read by {len(v.uses())} nodes: the body keeps one copy of it"
+    return None
+
+
+def fp8_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """E8M0 tile scales [..., O/128, I/128] -> fp32 [..., O, I/128]: each tile's scale on each of its rows."""
+    return quant.e8m0_decode(scale).repeat_interleave(FP8_BLOCK, -2)[..., :rows, :]
+
+
+def dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
+    """DequantizeLinear(w as FLOAT8E4M3FN, tile scales per row, axis=-1, block_size=128): derived initializers."""
+    shape, stacked = tuple(int(d) for d in w.shape), w.shape.rank() == 3
+    f8 = derived_initializer(op, f"{w.name}.f8", ir.DataType.FLOAT8E4M3FN, shape, [w], lambda b: b, stacked)
+    rows = derived_initializer(op, f"{s.name}.rows", ir.DataType.FLOAT, (*shape[:-1], int(s.shape[-1])), [s],
+                               lambda t: fp8_rows(t, shape[-2]), stacked)
+    return op.DequantizeLinear(f8, rows, axis=-1, block_size=FP8_BLOCK)
+
+
+class LowerFp8Linear(pattern.RewriteRuleClassBase):
+    """dsv4.Fp8Linear(x, w, s) -> its body with DequantizeLinear in place of the lookup-table dequant."""
+
+    def pattern(self, op, x, w, s):
+        return op.Fp8Linear(x, w, s, _domain=DOMAIN)
+
+    def check(self, context, x, w, s) -> MatchResult:
+        reason = _fp8_weight(w, s)
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, w, s):
+        xf = op.Cast(x, to=ir.DataType.FLOAT)
+        wf = op.CastLike(dequantize_linear(op, w, s), xf)
+        out = op.CastLike(op.MatMul(xf, op.Transpose(wf, perm=[1, 0])), x)
+        for node in op.nodes:
+            node.metadata_props[g.DSV4_OP_KEY] = "Fp8Linear"
+        return out
+
+
+class LowerFp8Dequant(pattern.RewriteRuleClassBase):
+    """dsv4.Fp8Dequant(w, s) (whole weights, FP8 expert stacks) -> DequantizeLinear."""
+
+    def pattern(self, op, w, s):
+        return op.Fp8Dequant(w, s, _domain=DOMAIN)
+
+    def check(self, context, w, s) -> MatchResult:
+        reason = _fp8_weight(w, s) or (None if w.shape.rank() in (2, 3) else "weight rank not 2 or 3")
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, w, s):
+        out = dequantize_linear(op, w, s)
+        for node in op.nodes:
+            node.metadata_props[g.DSV4_OP_KEY] = "Fp8Dequant"
+        return out
+
+
 def rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([LowerMoE.rule()])
+
+
+def fp8_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([LowerFp8Linear.rule(), LowerFp8Dequant.rule()])
 
 
 def explain(model: ir.Model) -> dict[str, str]:
@@ -231,8 +259,12 @@ class LowerOrtPass(ir.passes.InPlacePass):
     """Lower every dsv4.MoE node that ORT's contrib ops reproduce; the others keep their bodies (see explain)."""
 
     def call(self, model: ir.Model):
-        n = rules().apply_to_model(model)
+        n = rules().apply_to_model(model)  # first: it looks through the experts' dequant nodes
         if n:
             ir.passes.common.RemoveUnusedNodesPass()(model)
+        fp8 = fp8_rules().apply_to_model(model)
+        if fp8:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
         ops = Counter(node.op_type for node in model.graph if node.domain == MS)
-        return Counted(model, n > 0, {"lowered": n, **{f"{MS}.{k}": v for k, v in sorted(ops.items())}})
+        return Counted(model, n + fp8 > 0, {"lowered": n, **{f"{MS}.{k}": v for k, v in sorted(ops.items())},
+                                           "DequantizeLinear (FP8)": fp8})

@@ -26,7 +26,8 @@ def _common(target: str, lower: tuple = ()) -> Pipeline:
 
 
 PIPELINES: dict[str, Pipeline] = {
-    # MoE -> com.microsoft.MoE / QMoE where exact; every other dsv4 op inlined (ORT has no dsv4 kernels).
+    # MoE -> com.microsoft.MoE / QMoE and FP8 weights -> DequantizeLinear where exact; every other dsv4 op inlined
+    # (ORT has no dsv4 kernels).
     "ort-cpu": _common("ort-cpu", (("lower_ort", LowerOrtPass()),)),
     # The CPU lowering is not proven on the CUDA EP (no GPU to run the parity test on): bodies only, for now.
     "ort-cuda": _common("ort-cuda"),

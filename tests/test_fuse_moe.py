@@ -257,3 +257,34 @@ def test_mxfp4_to_int8_blocks_is_lossless():
     s = lower_ort.e8m0_to_q8_scale(scales).repeat_interleave(32, -1)
     ref = quant.mxfp4_dequant(packed, scales)
     assert torch.equal(q * s, ref)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (3, 130, 260)])  # whole tiles, partial tiles, a stack
+def test_fp8_weights_dequantise_with_ort_dequantize_linear_bit_for_bit(shape):
+    """Fp8Linear (2-D) and Fp8Dequant (a 3-D stack) on weight initializers lower to DequantizeLinear over the same
+    bytes as FLOAT8E4M3FN with the tile scales per row: the output equals the lookup-table body's bit for bit."""
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(_f(rng, *shape))
+    q, s = zip(*(quant.fp8_block_quantize(m) for m in (w.reshape(-1, *shape[-2:]))))
+    q = torch.stack([t.view(torch.uint8) for t in q]).reshape(shape).numpy()
+    s = torch.stack(s).reshape(*shape[:-2], *torch.stack(s).shape[1:]).numpy()
+    t = ir.tape.Tape()
+    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3, shape[-1]]))
+    wv, sv = (ir.Value(name=n, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(a.shape),
+                       const_value=ir.tensor(a, name=n)) for n, a in (("w", q), ("s", s)))
+    if len(shape) == 2:
+        y = t.op("Fp8Linear", [x, wv, sv], domain="dsv4")
+        inputs = [x]
+    else:
+        y = t.op("Fp8Dequant", [wv, sv], domain="dsv4")
+        inputs = []
+    y.name, y.dtype = "y", F32
+    model = ir.Model(ir.Graph(inputs, [y], nodes=t.nodes, initializers=[wv, sv], opset_imports={"": 23, "dsv4": 1}),
+                     ir_version=10)
+    custom_ops.attach_functions(model)
+    feed = {"x": _f(rng, 3, shape[-1])}
+    body = run_ort(model, feed)
+    assert lower_ort.LowerOrtPass()(model).counts["DequantizeLinear (FP8)"] == 1
+    o = ops(model)
+    assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
+    np.testing.assert_array_equal(run_ort(model, feed), body)

@@ -240,7 +240,8 @@ def _op_counts(model: ir.Model) -> dict[str, int]:
 def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
     """After the fusion stage: exactly one dsv4.MoE per layer. After run(model, "ort-cpu"): exactly one
     com.microsoft MoE/QMoE per layer where the lowering is exact (none with quant_sim on: the body is inlined), no
-    dsv4 node left, and every TopK is the routing of a fused MoE (learned layers) or the indexer's."""
+    dsv4 node left, every TopK is the routing of a fused MoE (learned layers) or the indexer's, and every FP8
+    weight dequantises with DequantizeLinear."""
     kind, raw, fused, counts, _ = raw_and_fused
     for g in GRAPHS:
         assert counts[g]["fuse_moe"]["MoE"] == N_LAYERS
@@ -250,6 +251,8 @@ def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
         assert contrib == ({MOE_OP[kind]: N_LAYERS} if MOE_OP[kind] else {}), contrib
         topk = [n.metadata_props.get(DSV4_OP_KEY) for n in ir.load(fused / f"{g}.onnx").graph if n.op_type == "TopK"]
         assert sorted(topk) == ["IndexerTopK"] * 2 + ["MoE"] * N_LEARNED, topk
+        fp8 = counts[g]["lower_ort"]["DequantizeLinear (FP8)"]  # every packed FP8 weight: ORT's own dequant
+        assert ops.get("DequantizeLinear", 0) == fp8 and (fp8 > 0) == (kind != "f32")
 
 
 def _run_graphs(art: Path, ids: np.ndarray) -> list[np.ndarray]:
@@ -335,3 +338,41 @@ def test_inspect_layers_reports_before_and_after(tiny_artifact_q, capsys):
     for i in range(N_LAYERS):
         r = rep[f"layers.{i}"]
         assert r["after"]["total"] < r["before"]["total"] and r["moe_after"]["com.microsoft.QMoE"] == 1
+
+
+# ---- small (slow: an export of ~1.5 min and an eager small model) -------------------------------------------------
+@pytest.mark.slow
+def test_small_preset_fuses_lowers_and_keeps_parity(tmp_path, monkeypatch):
+    """small, packed, quant_sim off: 6 QMoE per graph, TopKs only the routing's (4 learned layers) and the
+    indexer's, every layer executes fewer nodes, the fused graph computes what the raw graph computes, and parity vs
+    eager passes with the [3] tolerance."""
+    from dsv4.models.checkpoint import load_model
+    from dsv4.models.checkpoint_write import write_synthetic
+    from dsv4.models.config import preset
+
+    monkeypatch.setenv("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
+    args = preset("small", quant_sim=False)
+    ckpt = write_synthetic(preset("small"), tmp_path / "ckpt", seed=0, progress=False)
+    raw = export.export_artifact(tmp_path / "raw", checkpoint=ckpt, max_seq_len=1024, quant_sim=False,
+                                 progress=False).path
+    fused = tmp_path / "fused"
+    counts = fuse_artifact(raw, fused)
+    n_indexer = sum(1 for r in args.compress_ratios[: args.n_layers] if r == 4)
+    for g in GRAPHS:
+        assert counts[g]["fuse_moe"]["MoE"] == args.n_layers == counts[g]["lower_ort"]["lowered"]
+        model = ir.load(fused / f"{g}.onnx")
+        ops = _op_counts(model)
+        assert ops["com.microsoft.QMoE"] == args.n_layers and not [k for k in ops if k.startswith("dsv4.")]
+        topk = sorted(n.metadata_props.get(DSV4_OP_KEY) for n in model.graph if n.op_type == "TopK")
+        assert topk == ["IndexerTopK"] * n_indexer + ["MoE"] * (args.n_layers - args.n_hash_layers), topk
+    before, after = (census.totals(census.census(ir.load(a / "decode.onnx"))) for a in (raw, fused))
+    for i in range(args.n_layers):
+        assert after[f"layers.{i}"]["total"] < before[f"layers.{i}"]["total"]
+    ids = np.random.default_rng(1).integers(0, args.vocab_size, (1, 64)).astype(np.int64)
+    for a, b in zip(_run_graphs(raw, ids), _run_graphs(fused, ids)):
+        fin = np.isfinite(a)
+        assert float(np.abs(a[fin].astype(np.float64) - b[fin]).max(initial=0)) <= FUSED_VS_RAW
+    eager = load_model(ckpt, keep_quantized=True, quant_sim=False, max_seq_len=1024, progress=False)
+    rep = run_parity(fused, model=eager, steps=4, prompt_len=64, optimization="disable", verify=False)
+    assert rep.ok and rep.greedy_agree == 4 and max(r.max_abs for r in rep.rows) <= \
+        TOLERANCES[("float32", False)].logits_abs
