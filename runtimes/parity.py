@@ -42,12 +42,14 @@ TOLERANCES: dict[tuple[str, bool], Tolerance] = {
     ("float64", True): Tolerance(1e-9, 1e-9, 0.0, 1.0, 1.0, "fp64: every quantisation decision reproduced"),
     # fp32 WITH the simulation: the 1-ulp differences above flip FP8/FP4 rounding decisions (a value a few ulp
     # from a rounding boundary), each flip moves one activation by a whole FP8/FP4 step and the change
-    # propagates. This is a property of the model in fp32, not of the artifact: eager fp32 vs eager fp64 on
-    # the same prompts differs by up to 1.7 in logits with 93-99% top-1 agreement; artifact vs eager fp32
-    # measured 1e-5 .. 1.6 max, 94-100% top-1 over 8 prompts, 63/64 greedy. The elementwise bound is still
-    # reported; the verdict rests on agreement (a wrong op disagrees almost everywhere), while exactness of the
+    # propagates (indexer top-k choices included). A property of the model in fp32, not of the artifact: on
+    # tiny, eager fp32 vs eager fp64 differs by up to 1.7 in logits, with prefill top-1 agreement 93-100% and
+    # 56-64/64 teacher-forced greedy tokens over 6 prompts. Artifact vs eager fp32 (packed, 300 + 64 tokens):
+    # seed 0: prefill 0.048, decode 5.5e-5, 64/64; seeds 1, 2: prefill 1.4-1.6, 96-97% top-1, 58/64 greedy.
+    # The elementwise bound is still reported; the verdict rests on agreement, with a margin below the eager
+    # model's own fp32-vs-fp64 minimum (a wrong op agrees on almost nothing), while exactness of the
     # quantised path is established by the fp64 entry above.
-    ("float32", True): Tolerance(1e-4, 1e-4, 1.0, 0.9, 0.9, "fp32 + quant_sim: rounding flips (see comment)"),
+    ("float32", True): Tolerance(1e-4, 1e-4, 1.0, 0.9, 0.8, "fp32 + quant_sim: rounding flips (see comment)"),
 }
 
 
