@@ -376,3 +376,20 @@ def test_small_preset_fuses_lowers_and_keeps_parity(tmp_path, monkeypatch):
     rep = run_parity(fused, model=eager, steps=4, prompt_len=64, optimization="disable", verify=False)
     assert rep.ok and rep.greedy_agree == 4 and max(r.max_abs for r in rep.rows) <= \
         TOLERANCES[("float32", False)].logits_abs
+
+
+@pytest.mark.slow  # the fp64 export of [3] (~1-2.5 min)
+def test_fp64_artifact_fuses_keeps_the_body_and_its_numbers(tiny_artifact_f64, tmp_path):
+    """fp64 (quant_sim on): the scoring in its fp64 form (log(1 + exp)) still fuses, the lowering refuses (no double
+    MoE kernel; act_quant), the fp64 body runs, and the fused graph equals the raw one to fp64 accumulation noise."""
+    fused = tmp_path / "fused"
+    counts = fuse_artifact(Path(tiny_artifact_f64), fused)
+    for g in GRAPHS:
+        assert counts[g]["fuse_moe"]["MoE"] == N_LAYERS and counts[g]["lower_ort"]["lowered"] == 0
+        ops = _op_counts(ir.load(fused / f"{g}.onnx"))
+        assert not [k for k in ops if k.startswith(("dsv4.", "com.microsoft."))] and "Softplus" not in ops
+    ids = np.random.default_rng(2).integers(0, 512, (1, 150)).astype(np.int64)
+    for a, b in zip(_run_graphs(Path(tiny_artifact_f64), ids), _run_graphs(fused, ids)):
+        fin = np.isfinite(a)
+        np.testing.assert_array_equal(fin, np.isfinite(b))
+        assert float(np.abs(a[fin] - b[fin]).max(initial=0)) <= TOLERANCES[("float64", True)].logits_abs
