@@ -12,29 +12,14 @@ spinning); each measurement runs one side at a time.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from _common import decode_ms, machine, ratio, timed, update_section
 
 SECTION = "## ONNX Runtime CPU vs eager (issue [3])"
-
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls (after one warm-up call)."""
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main(argv=None) -> int:
@@ -85,26 +70,21 @@ def main(argv=None) -> int:
         ids = torch.randint(0, args.vocab_size, (1, min(a.prefill)), generator=rng)
         tok = torch.tensor([[1]])
         with torch.no_grad():
-            _, st = model(ids)
-            te_list = []
-            for _ in range(a.decode_steps):
-                t = time.perf_counter()
-                _, st = model(tok, st)
-                te_list.append(time.perf_counter() - t)
+            box = [model(ids)[1]]
+
+            def eager_step():
+                box[0] = model(tok, box[0])[1]
+
+            de = decode_ms(eager_step, a.decode_steps)
         gen.prefill(ids.numpy())
-        to_list = []
-        for _ in range(a.decode_steps):
-            t = time.perf_counter()
-            gen.step(tok.numpy())
-            to_list.append(time.perf_counter() - t)
-        de, do = statistics.median(te_list[1:]), statistics.median(to_list[1:])
-        rows.append(("decode step, batch 1 (ms)", de * 1e3, do * 1e3))
+        do = decode_ms(lambda: gen.step(tok.numpy()), a.decode_steps)
+        rows.append(("decode step, batch 1 (ms)", de, do))
         print(rows[-1], flush=True)
         info = artifact_info(art)
     md = render(a, args, rows, threads, export_s, info)
     print(md)
     if a.out != "-":
-        update_section(Path(a.out), md)
+        update_section(Path(a.out), md, "bench_ort")
     return 0
 
 
@@ -117,37 +97,20 @@ def artifact_info(art: Path) -> str:
 
 
 def render(a, args, rows, threads, export_s, info) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [SECTION, "",
              f"`benchmarks/bench_ort.py`, preset `{a.preset}` ({args.n_layers} layers, dim {args.dim}, "
              f"{args.n_routed_experts} experts, max_seq_len {args.max_seq_len}), synthetic checkpoint seed 0, "
              "FP8/MXFP4 packed, quant_sim on, fp32. "
-             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"{threads} threads each side, load average {load:.1f} at the end"
+             f"{machine(threads)}"
              + (f"; export took {export_s:.0f} s" if export_s else "") + f"; {info}.", "",
              "| measurement | eager PyTorch | ONNX Runtime CPU | ORT / eager |", "|---|---:|---:|---:|"]
     for name, e, o in rows:
-        ratio = (o / e) if "tokens/s" in name else (e / o)
-        lines.append(f"| {name} | {e:,.1f} | {o:,.1f} | {ratio:.2f}x faster |" if ratio >= 1
-                     else f"| {name} | {e:,.1f} | {o:,.1f} | {1 / ratio:.2f}x slower |")
+        lines.append(f"| {name} | {e:,.1f} | {o:,.1f} | {ratio(o, e, 'tokens/s' in name)} |")
     lines += ["", "ORT runs the raw exported graph (dsv4 function bodies inlined by ORT, MoE dense over all experts, "
               "weights dequantised in-graph on every call, ConstantFolding off to keep them packed); the "
               "graph passes of issue [4] (fused MoE, op selection) are not applied here.", ""]
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- bench_ort:begin -->", "<!-- bench_ort:end -->"
-
-
-def update_section(path: Path, md: str) -> None:
-    """Replace this benchmark's marked section of `path` (or append it); other sections are kept byte for byte."""
-    text = path.read_text() if path.exists() else "# dsv4 performance notes\n"
-    block = f"{BEGIN}\n{md.rstrip()}\n{END}"
-    pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     raise SystemExit(main())

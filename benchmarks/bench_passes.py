@@ -16,38 +16,14 @@ the same thread count, no spinning.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import decode_ms, machine, ratio, timed, update_section
 
 SECTION = "## Graph passes: eager vs raw vs fused ORT-CPU (issue [4])"
-BEGIN, END = "<!-- bench_passes:begin -->", "<!-- bench_passes:end -->"
-
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
-
-
-def decode_ms(step, steps: int) -> float:
-    """Median milliseconds of one decode step over `steps` steps (the first one dropped)."""
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out[1:]) * 1e3
 
 
 def export_pair(ckpt: Path, work: Path, args, quant_sim: bool) -> dict[str, Path]:
@@ -122,13 +98,11 @@ def graph_info(arts: dict[str, Path]) -> str:
 
 
 def render(a, args, results, threads) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [SECTION, "",
              f"`benchmarks/bench_passes.py`, preset `{a.preset}` ({args.n_layers} layers, dim {args.dim}, "
              f"{args.n_routed_experts} experts top-{args.n_activated_experts}, max_seq_len {args.max_seq_len}), "
              "synthetic checkpoint seed 0, FP8/MXFP4 packed, fp32, batch 1. "
-             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-             f"(shared with other work), {threads} threads each side, load average {load:.1f} at the end. Raw = the "
+             f"{machine(threads)}. Raw = the "
              "exported graph (`--no-passes`); fused = after the ort-cpu pipeline (what `dsv4 export` writes). Each "
              "number is a median; ORT runs with its default optimizations (ConstantFolding off for packed weights).",
              ""]
@@ -138,25 +112,9 @@ def render(a, args, results, threads) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for name, e, r, f in rows:
             up = "tokens/s" in name
-
-            def ratio(x, y, up=up):
-                v = x / y if up else y / x
-                return f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"
-
-            lines.append(f"| {name} | {e:,.1f} | {r:,.1f} | {f:,.1f} | {ratio(f, e)} | {ratio(f, r)} |")
+            lines.append(f"| {name} | {e:,.1f} | {r:,.1f} | {f:,.1f} | {ratio(f, e, up)} | {ratio(f, r, up)} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def update_section(path: Path, md: str) -> None:
-    """Replace this benchmark's marked section of `path` (or append it); other sections stay byte for byte."""
-    import re
-
-    text = path.read_text() if path.exists() else "# dsv4 performance notes\n"
-    block = f"{BEGIN}\n{md.rstrip()}\n{END}"
-    pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -166,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quant-sim", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each side (default 1: on a shared 2-core box a 2-thread pool collapses whenever "
+                        "the other core is busy)")
     p.add_argument("--workdir", help="keep (and reuse) the checkpoint and the artifacts here instead of a temp dir")
     p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
     a = p.parse_args(argv)
@@ -174,7 +135,8 @@ def main(argv=None) -> int:
     from dsv4.models.config import preset
 
     args = preset(a.preset)
-    threads = torch.get_num_threads()
+    threads = a.threads
+    torch.set_num_threads(threads)
     results = {}
     with tempfile.TemporaryDirectory(prefix="dsv4-bench-passes-") as tmp:
         work = Path(a.workdir or tmp)
@@ -189,7 +151,7 @@ def main(argv=None) -> int:
     md = render(a, args, results, threads)
     print(md)
     if a.out != "-":
-        update_section(Path(a.out), md)
+        update_section(Path(a.out), md, "bench_passes")
     return 0
 
 

@@ -12,9 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -22,6 +20,8 @@ from pathlib import Path, PurePosixPath
 
 import onnx
 import onnx_ir as ir
+
+from dsv4.models.checkpoint_io import writing_dir
 
 from . import custom_ops
 from .signature import GRAPHS, signature, state_layout
@@ -38,30 +38,11 @@ class ArtifactError(ValueError):
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
-def check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
-        raise ValueError(f"--out: {out} exists and is not empty (pass overwrite / --force to replace it)")
-
-
 @contextlib.contextmanager
 def writing(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success move it to `out` (replacing an old one only now)."""
-    out = Path(out)
-    check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with writing_dir(Path(out), overwrite) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:

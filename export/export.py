@@ -33,6 +33,7 @@ import onnxscript
 import torch
 from torch import nn
 
+from dsv4.models.checkpoint_io import check_destination
 from dsv4.models.model import DeepseekV4
 from dsv4.models.state import init_state, state_entries
 
@@ -222,7 +223,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         raise ValueError(f"--weights: {weights!r} is not one of {', '.join(tgt.weights)} for {tgt.name}")
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
     out = Path(out)
-    artifact.check_destination(out, overwrite)
+    check_destination(out, overwrite)
     seconds: dict[str, float] = {}
     with ExitStack() as stack, artifact.stage_printer(progress) as stage:
         t0 = time.perf_counter()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -330,3 +332,34 @@ def progress_bar(show: bool | None, what: str, total: int):
                   TimeRemainingColumn(), transient=False) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def check_destination(out: Path, overwrite: bool, what: str = "--out") -> None:
+    """Refuse to replace a non-empty `out` unless asked to (an empty directory is fine)."""
+    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"{what}: {out} exists and is not empty (pass overwrite / --force to replace it)")
+
+
+@contextmanager
+def writing_dir(out: Path, overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
+    """Yield a temporary sibling directory of `out`; when the block succeeds, rename it to `out` (an existing
+    `out` is moved aside first and removed only after that rename); when it fails, remove it. Either `out` is
+    complete or it is what it was before: an interrupted write never leaves a half directory under that name."""
+    out = Path(out)
+    check_destination(out, overwrite, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

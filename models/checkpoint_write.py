@@ -14,10 +14,7 @@ half checkpoint under the requested name.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ import torch
 
 from . import quant
 from .checkpoint import TensorSpec, expected_tensors
-from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, write_shard
+from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, write_shard, writing_dir
 from .config import FP8_BLOCK, ModelArgs
 from .synthetic import synthetic_chunks
 
@@ -124,14 +121,10 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
     """Write a synthetic checkpoint of `args` in the official format to `out` (atomically); returns the path."""
     out = Path(out)
     size = parse_size(shard_size)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise ValueError(f"checkpoint make: {out} exists and is not empty (use --force to replace it)")
     shards = plan_shards(official_entries(args), size)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with writing_dir(out, overwrite, "checkpoint make") as tmp:
         (tmp / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         total = sum(e.nbytes for s in shards for e in s)
         with progress_bar(progress, f"writing {out.name}", total) as advance:
@@ -142,21 +135,5 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
         weight_map = {e.name: file for file, s in zip(names, shards) for e in s}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is moved aside first and removed only after the rename."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

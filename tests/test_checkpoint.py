@@ -26,16 +26,6 @@ from dsv4.models.checkpoint_write import parse_size, write_synthetic
 from dsv4.models.model import Linear
 from dsv4.tools.cli import main as cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine they cost 5-30x in spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))
 
 

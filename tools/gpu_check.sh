@@ -44,7 +44,7 @@ THREADS=$(( $(nproc) / 2 ))  # two presets side by side
 run_preset() {  # $1 preset, $2 prefill lengths, $3 time limit (s)
   local p=$1 work="$OUT/work-$1"
   OMP_NUM_THREADS=$THREADS TVM_NUM_THREADS=$THREADS timeout "$3" "$PY" benchmarks/bench_tvm.py --preset "$p" \
-    --backends $BACKENDS --weights float32 --no-quant-sim --prefill $2 --decode-steps 64 --repeat 3 \
+    --backends $BACKENDS --threads "$THREADS" --weights float32 --no-quant-sim --prefill $2 --decode-steps 64 --repeat 3 \
     --parity-steps 32 --parity-prompt 300 --section gpu --workdir "$work" --json "$OUT/$p.json" --out - \
     > "$OUT/$p.md" 2> "$OUT/$p.err" && log "$p done" || { log "$p FAILED (rc $?), see $OUT/$p.err"; return 1; }
 }

@@ -1,0 +1,61 @@
+"""What every benchmark script shares: timing (medians after a warm-up), the machine line of a PERF.md section,
+and the marked-section update of docs/PERF.md (other sections stay byte for byte). Scripts import it as
+``from _common import ...`` (a script's own directory is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of `repeat` calls after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def step_times(step, steps: int) -> list[float]:
+    """Seconds of each of `steps` consecutive calls (decode steps: each call advances the state)."""
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def decode_ms(step, steps: int) -> float:
+    """Median milliseconds of one decode step over `steps` steps, the first (warm-up) one dropped."""
+    return statistics.median(step_times(step, steps)[1:]) * 1e3
+
+
+def machine(threads: int) -> str:
+    """Date, CPU, cores, threads per side and the load average now (benchmarks on a shared box say so)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{threads} thread{'s' if threads != 1 else ''} each side, load average {load:.1f} at the end")
+
+
+def ratio(x: float, ref: float, higher_is_better: bool) -> str:
+    """'2.00x faster' / '1.50x slower' of x against ref."""
+    v = x / ref if higher_is_better else ref / x
+    return f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"
+
+
+def update_section(path: Path, md: str, tag: str) -> None:
+    """Replace the block between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` of `path` (or append it)."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    text = path.read_text() if path.exists() else "# dsv4 performance notes\n"
+    block = f"{begin}\n{md.rstrip()}\n{end}"
+    pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -1,0 +1,240 @@
+"""TVM beside eager PyTorch and ONNX Runtime in one run: compile time, prefill tokens/s, decode-step latency at
+batch 1, and parity with the eager model. Results go to docs/PERF.md (a marked section; others are kept).
+
+CPU (default; issue [5]: tvm-llvm beside eager and ORT-CPU for the `small` preset):
+
+    .venv/bin/python benchmarks/bench_tvm.py [--preset small] [--prefill 256 1024] [--decode-steps 32]
+
+GPU (what tools/gpu_check.sh runs on a CUDA machine; eager stays the CPU oracle for parity):
+
+    python benchmarks/bench_tvm.py --preset tiny --backends tvm-cuda ort-cuda --section gpu --out -
+
+Artifacts: one synthetic checkpoint (seed 0) and one export per runtime family, cached in --workdir: ORT runs
+an ort-cpu export with its pass pipeline (QMoE etc.); TVM runs a tvm-llvm export (lowered dsv4 ops kept as nodes,
+the fused MoE inlined to routing + the MoEExperts kernel). ORT-CUDA runs the TVM export (ORT inlines the bodies
+of the kept ops: the ort-cuda pipeline, which keeps no op, computes the same graph). Each side is timed alone,
+with the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import machine, ratio, step_times, timed, update_section
+
+SECTIONS = {"cpu": ("bench_tvm", "## TVM (llvm) beside eager and ONNX Runtime CPU (issue [5])"),
+            "gpu": ("gpu_check", "## TVM (CUDA) and ONNX Runtime CUDA on a GPU (`tools/gpu_check.sh`, issue [5])")}
+BACKENDS = ("eager", "ort-cpu", "tvm-llvm", "tvm-cuda", "ort-cuda")
+
+
+def artifacts(a, args, work: Path, backends) -> tuple[Path, dict[str, Path], dict[str, float]]:
+    """(checkpoint, {family: artifact}, export seconds); family "ort" = ort-cpu export, "tvm" = tvm-llvm export."""
+    from dsv4.export.export import export_artifact
+    from dsv4.models.checkpoint_write import write_synthetic
+    from dsv4.passes.pipeline import run
+
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").is_file():
+        write_synthetic(args, ckpt, seed=0, progress=False, overwrite=True)
+    want = {"ort"} if "ort-cpu" in backends else set()
+    want |= {"tvm"} if {"tvm-llvm", "tvm-cuda", "ort-cuda"} & set(backends) else set()
+    arts, secs = {}, {}
+    for fam in sorted(want):
+        art = work / f"art-{fam}-{a.weights}-{'qs' if a.quant_sim else 'noqs'}"
+        if not (art / "manifest.json").is_file():
+            t = time.perf_counter()
+            export_artifact(art, checkpoint=ckpt, target="ort-cpu" if fam == "ort" else "tvm-llvm", weights=a.weights,
+                            quant_sim=a.quant_sim, max_seq_len=args.max_seq_len, overwrite=True, progress=False,
+                            transform=lambda model, graph, target: run(model, target.name))
+            secs[fam] = time.perf_counter() - t
+        arts[fam] = art
+    return ckpt, arts, secs
+
+
+def generator(backend: str, arts: dict[str, Path], work: Path, threads: int):
+    """(generator, compile seconds or None) for one backend."""
+    if backend == "ort-cpu":
+        from dsv4.runtimes.ort import Generator
+
+        return Generator(arts["ort"], threads=threads, verify=False), None
+    if backend == "ort-cuda":
+        from dsv4.runtimes.ort import Generator
+
+        return Generator(arts["tvm"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"], verify=False), None
+    from dsv4.runtimes.tvm import Generator, compile_artifact
+
+    out = work / f"compiled-{backend}-{arts['tvm'].name}"
+    t = time.perf_counter()
+    if not (out / "manifest.json").is_file():
+        compile_artifact(arts["tvm"], out, target=backend, progress=False, overwrite=True)
+    secs = time.perf_counter() - t
+    return Generator(arts["tvm"], compiled=out, target=backend, verify=False), secs
+
+
+def measure(step_prefill, step_decode, prefills, steps: int, repeat: int, vocab: int) -> dict:
+    rng = torch.Generator().manual_seed(0)
+    out = {}
+    for n in prefills:
+        ids = torch.randint(0, vocab, (1, n), generator=rng)
+        out[f"prefill {n} tokens (tokens/s)"] = n / timed(lambda ids=ids: step_prefill(ids), repeat)
+    ids = torch.randint(0, vocab, (1, min(prefills)), generator=rng)
+    times = step_decode(ids, steps)
+    out["decode step, batch 1 (ms)"] = statistics.median(times[1:]) * 1e3  # first step: warm-up
+    return out
+
+
+def eager_side(model):
+    def prefill(ids):
+        with torch.no_grad():
+            model(ids)
+
+    def decode(ids, steps):
+        tok = torch.tensor([[1]])
+        with torch.no_grad():
+            box = [model(ids)[1]]
+
+            def one():
+                box[0] = model(tok, box[0])[1]
+
+            return step_times(one, steps)
+
+    return prefill, decode
+
+
+def runtime_side(gen):
+    def prefill(ids):
+        gen.prefill(ids.numpy())
+
+    def decode(ids, steps):
+        gen.prefill(ids.numpy())
+        tok = np.array([[1]], dtype=np.int64)
+        return step_times(lambda: gen.step(tok), steps)
+
+    return prefill, decode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--backends", nargs="+", default=["eager", "ort-cpu", "tvm-llvm"], choices=BACKENDS)
+    p.add_argument("--prefill", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--weights", default="packed", help="packed (as shipped) or float32")
+    p.add_argument("--no-quant-sim", dest="quant_sim", action="store_false")
+    p.add_argument("--parity-steps", type=int, default=16, help="greedy steps of the parity run (0: no parity)")
+    p.add_argument("--parity-prompt", type=int, default=300)
+    p.add_argument("--section", default="cpu", choices=tuple(SECTIONS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each side (default 1: on a shared 2-core box a 2-thread pool collapses whenever "
+                        "the other core is busy)")
+    p.add_argument("--workdir", help="keep (and reuse) checkpoint, artifacts and compiled libraries here")
+    p.add_argument("--json", help="also write the raw numbers here")
+    p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
+    a = p.parse_args(argv)
+
+    import tempfile
+
+    from dsv4.models.checkpoint import load_model
+    from dsv4.models.config import preset
+    from dsv4.runtimes.parity import run_parity
+
+    args = preset(a.preset)
+    threads = a.threads
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # read when TVM's thread pool starts (first run)
+    with tempfile.TemporaryDirectory(prefix="dsv4-bench-tvm-") as tmp:
+        work = Path(a.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt, arts, export_s = artifacts(a, args, work, a.backends)
+        model = load_model(ckpt, keep_quantized=a.weights == "packed", quant_sim=a.quant_sim,
+                           max_seq_len=args.max_seq_len, progress=False).eval()
+        results: dict[str, dict] = {}
+        for b in a.backends:
+            if b == "eager":
+                results[b] = measure(*eager_side(model), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
+            else:
+                gen, compile_s = generator(b, arts, work, threads)
+                results[b] = measure(*runtime_side(gen), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
+                if compile_s is not None:
+                    results[b]["compile both graphs (s)"] = compile_s
+                if a.parity_steps:
+                    fam = "ort" if b == "ort-cpu" else "tvm"
+                    rep = run_parity(arts[fam], model=model, steps=a.parity_steps, prompt_len=a.parity_prompt,
+                                     backend="tvm" if b.startswith("tvm") else "ort", generator=gen)
+                    lg = next(r for r in rep.rows if r.name == "prefill.logits")
+                    results[b]["parity"] = {"max abs Δ prefill logits": lg.max_abs,
+                                            "max abs Δ any output / state": max(r.max_abs for r in rep.rows),
+                                            "top-1": rep.top1, "greedy": f"{rep.greedy_agree}/{rep.greedy_steps}",
+                                            "ok": rep.ok}
+                del gen
+            print(b, json.dumps(results[b], default=float), flush=True)
+    md = render(a, args, results, threads, export_s)
+    print(md)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": results, "export_s": export_s}, indent=2, default=float))
+    if a.out != "-":
+        tag, _ = SECTIONS[a.section]
+        update_section(Path(a.out), md, tag)
+    return 0
+
+
+def _gpu_name() -> str:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - no driver, no GPU
+        return "no GPU"
+
+
+def render(a, args, results: dict, threads: int, export_s: dict) -> str:
+    tag, title = SECTIONS[a.section]
+    where = (f"{_gpu_name()}, " if a.section == "gpu" else "") + machine(threads)
+    cols = list(results)
+    lines = [title, "",
+             f"`benchmarks/bench_tvm.py --preset {a.preset}`: {args.n_layers} layers, dim {args.dim}, "
+             f"{args.n_routed_experts} experts, max_seq_len {args.max_seq_len}; synthetic checkpoint seed 0, weights "
+             f"{a.weights}, quant_sim {'on' if a.quant_sim else 'off'}, fp32. {where}"
+             + ("; export " + ", ".join(f"{k} {v:.0f} s" for k, v in export_s.items()) if export_s else "") + ".",
+             "", "| measurement | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    rows = [k for k in results[cols[0]] if k != "parity"]
+    rows += [k for c in cols for k in results[c] if k not in rows and k != "parity"]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(_fmt(results[c].get(r)) for c in cols) + " |")
+    for ref in (c for c in ("eager", "ort-cpu") if c in cols):  # ratio rows: each runtime against eager / ORT
+        for r in (r for r in rows if r.endswith(("(tokens/s)", "(ms)"))):
+            cells = ["–" if c in (ref, "eager") or not results[c].get(r) or not results[ref].get(r)
+                     else ratio(results[c][r], results[ref][r], r.endswith("(tokens/s)")) for c in cols]
+            if any(x != "–" for x in cells):
+                lines.append(f"| {r.rsplit(' (', 1)[0]}, vs {ref} | " + " | ".join(cells) + " |")
+    par = [c for c in cols if "parity" in results[c]]
+    if par:
+        keys = list(results[par[0]]["parity"])
+        lines += ["", f"Parity with the eager model ({a.parity_prompt}-token prompt, {a.parity_steps} greedy steps; "
+                  "tolerances: runtimes/parity.py):", "", "| | " + " | ".join(par) + " |", "|---|" + "---:|" * len(par)]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(_fmt(results[c]["parity"][k]) for c in par) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "pass" if v else "FAIL"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
