@@ -28,6 +28,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_ort.py
+	$(BIN)/python benchmarks/bench_passes.py
+	$(BIN)/python benchmarks/bench_tvm.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

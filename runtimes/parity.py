@@ -5,10 +5,17 @@ tensor, then N greedy decode steps (the eager model's token is fed to both, so e
 with like; agreement counts the steps whose greedy token is the same). The report holds max abs / rel error
 per output and state tensor, the share of elements out of tolerance, top-1 and greedy agreement, never a
 bare bool. Tolerances live only in TOLERANCES, keyed by (activation dtype, quant_sim).
+
+Where fp32 rounding noise alone moves argmaxes (fp32 with the quantisation simulation: a 1-ulp difference flips an
+FP8/FP4 rounding decision), a fixed agreement threshold would judge the random test model rather than the
+artifact. Those entries are *calibrated*: the eager model also runs as its fp64 twin (the same weights, every
+rounding decision taken on exact values), the fp64 twin's greedy tokens drive all three, and the artifact must
+agree with the fp64 twin nearly as often as the eager fp32 model itself does (`top1_slack`, `greedy_slack`).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +35,10 @@ class Tolerance:
     min_top1: float  # prefill: share of positions whose argmax agrees
     min_greedy: float  # decode: share of steps whose greedy token agrees
     reason: str
+    # calibrated entries: the artifact's agreement with the eager model's fp64 twin may fall short of the eager
+    # fp32 model's own agreement with that twin by at most this much (None: no fp64 twin is run)
+    top1_slack: float | None = None
+    greedy_slack: float | None = None
 
 
 TOLERANCES: dict[tuple[str, bool], Tolerance] = {
@@ -42,14 +53,16 @@ TOLERANCES: dict[tuple[str, bool], Tolerance] = {
     ("float64", True): Tolerance(1e-9, 1e-9, 0.0, 1.0, 1.0, "fp64: every quantisation decision reproduced"),
     # fp32 WITH the simulation: the 1-ulp differences above flip FP8/FP4 rounding decisions (a value a few ulp
     # from a rounding boundary), each flip moves one activation by a whole FP8/FP4 step and the change
-    # propagates (indexer top-k choices included). A property of the model in fp32, not of the artifact: on
-    # tiny, eager fp32 vs eager fp64 differs by up to 1.7 in logits, with prefill top-1 agreement 93-100% and
-    # 56-64/64 teacher-forced greedy tokens over 6 prompts. Artifact vs eager fp32 (packed, 300 + 64 tokens):
-    # seed 0: prefill 0.048, decode 5.5e-5, 64/64; seeds 1, 2: prefill 1.4-1.6, 96-97% top-1, 58/64 greedy.
-    # The elementwise bound is still reported; the verdict rests on agreement, with a margin below the eager
-    # model's own fp32-vs-fp64 minimum (a wrong op agrees on almost nothing), while exactness of the
-    # quantised path is established by the fp64 entry above.
-    ("float32", True): Tolerance(1e-4, 1e-4, 1.0, 0.9, 0.8, "fp32 + quant_sim: rounding flips (see comment)"),
+    # propagates (indexer top-k choices included). A property of the model in fp32, not of the artifact: eager
+    # fp32 vs its fp64 twin, 300-token prompt, seeds 0/1: tiny 93-100% prefill top-1, 56-64/64 greedy; small
+    # (random weights, median top-1/top-2 logit margin 0.18) 83-84% top-1, 11/16 greedy, max |Δlogits| 1.6-1.8.
+    # ORT artifact vs eager fp32 on small: 85% top-1, 15/16 greedy, 1.76 — the same noise. So the elementwise
+    # bound is reported but not judged (max_share_out 1.0); the verdict is calibrated against the fp64 twin
+    # (slacks: 300 prefill positions give a binomial std of ~0.02 per agreement share, 64 steps ~0.06; a
+    # wrong op agrees on almost nothing, hence also the absolute floors). Exactness of the quantised path
+    # itself is established by the fp64 entry above (every rounding decision reproduced).
+    ("float32", True): Tolerance(1e-4, 1e-4, 1.0, 0.5, 0.5, "fp32 + quant_sim: rounding flips, judged against "
+                                 "the eager model's own fp32-vs-fp64 agreement", top1_slack=0.08, greedy_slack=0.2),
 }
 
 
@@ -99,6 +112,9 @@ class ParityReport:
     greedy_steps: int = 0
     greedy_agree: int = 0
     first_mismatch: int | None = None
+    # calibrated tolerances: agreement (prefill top-1, greedy) of the eager fp32 model and of the artifact with
+    # the eager model's fp64 twin, whose greedy tokens then drive the decode steps
+    vs_fp64: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -108,7 +124,12 @@ class ParityReport:
     @property
     def ok(self) -> bool:
         t = self.tolerance
-        return (all(r.ok for r in self.rows) and self.top1 >= t["min_top1"] and self.greedy >= t["min_greedy"])
+        ok = all(r.ok for r in self.rows) and self.top1 >= t["min_top1"] and self.greedy >= t["min_greedy"]
+        if t.get("top1_slack") is not None and self.vs_fp64:
+            v = self.vs_fp64
+            ok = ok and v["artifact top-1"] >= v["eager top-1"] - t["top1_slack"]
+            ok = ok and v["artifact greedy"] >= v["eager greedy"] - t["greedy_slack"]
+        return ok
 
     def to_json(self) -> dict:
         return asdict(self) | {"ok": self.ok, "greedy": self.greedy}
@@ -137,6 +158,13 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         raise ValueError("parity: the artifact was exported from an in-memory model; pass --checkpoint DIR")
     return load_model(checkpoint, dtype=dtype, keep_quantized=manifest["weights"] == "packed", progress=False,
                       **overrides)
+
+
+def fp64_twin(model):
+    """A float64 copy of an eager model: same weights (packed bytes stay bytes), every computation in fp64."""
+    twin = copy.deepcopy(model).to(torch.float64)
+    twin.dtype = torch.float64
+    return twin.eval()
 
 
 def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = None, steps: int = 64,
@@ -179,22 +207,33 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
             rep.rows.append(compare(f"{prefix}.{n}", ref_state[n].numpy(), state[n], tol.state_abs,
                                     tol.max_share_out))
 
+    twin = fp64_twin(m) if tol.top1_slack is not None else None
     t = time.perf_counter()
     with torch.no_grad():
         ref_logits, ref_state = m(ids)
+        if twin is not None:
+            l64, s64 = twin(ids)
     rep.seconds["eager prefill"] = time.perf_counter() - t
     t = time.perf_counter()
     logits = gen.prefill(ids.numpy())
     rep.seconds["artifact prefill"] = time.perf_counter() - t
     check("prefill", ref_logits.numpy(), logits, ref_state, gen.state)
     rep.top1 = float(np.mean(ref_logits.numpy().argmax(-1) == logits.argmax(-1)))
+    if twin is not None:
+        top64 = l64.argmax(-1).numpy()
+        rep.vs_fp64 = {"eager top-1": float(np.mean(ref_logits.argmax(-1).numpy() == top64)),
+                       "artifact top-1": float(np.mean(logits.argmax(-1) == top64)), "eager greedy": 0.0,
+                       "artifact greedy": 0.0}
     worst_ref, worst = [], []
-    tok = ref_logits[:, -1:].argmax(-1)
+    tok = (l64 if twin is not None else ref_logits)[:, -1:].argmax(-1)
     te = ta = 0.0
+    agree64 = {"eager greedy": 0, "artifact greedy": 0}
     for k in range(steps):
         t = time.perf_counter()
         with torch.no_grad():
             ref_logits, ref_state = m(tok, ref_state)
+            if twin is not None:
+                l64, s64 = twin(tok, s64)
         te += time.perf_counter() - t
         t = time.perf_counter()
         logits = gen.step(tok.numpy())
@@ -207,7 +246,13 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
             rep.first_mismatch = k
         worst_ref.append(ref_logits.numpy())
         worst.append(logits)
+        if twin is not None:  # the fp64 twin's token drives all three; agreement is counted against it
+            nxt = l64[:, -1:].argmax(-1)
+            agree64["eager greedy"] += bool(torch.equal(ref_logits[:, -1].argmax(-1), nxt[:, 0]))
+            agree64["artifact greedy"] += bool(np.array_equal(logits[:, -1].argmax(-1), nxt[:, 0].numpy()))
         tok = nxt
+    if twin is not None and steps:
+        rep.vs_fp64.update({k: v / steps for k, v in agree64.items()})
     if steps:
         rep.seconds["eager decode step"] = te / steps
         rep.seconds["artifact decode step"] = ta / steps
@@ -228,5 +273,9 @@ def render(rep: ParityReport):
     t.caption = (f"prefill top-1 agreement {rep.top1:.1%} (min {rep.tolerance['min_top1']:.0%}) · greedy "
                  f"{rep.greedy_agree}/{rep.greedy_steps} (min {rep.tolerance['min_greedy']:.0%})"
                  + (f", first mismatch at step {rep.first_mismatch}" if rep.first_mismatch is not None else "")
+                 + (" · vs the fp64 twin: top-1 eager {eager top-1:.1%} / artifact {artifact top-1:.1%} (slack "
+                    "{s1:.0%}), greedy eager {eager greedy:.1%} / artifact {artifact greedy:.1%} (slack {s2:.0%})"
+                    .format(**rep.vs_fp64, s1=rep.tolerance["top1_slack"], s2=rep.tolerance["greedy_slack"])
+                    if rep.vs_fp64 else "")
                  + f" · {'[green]PASS[/]' if rep.ok else '[red]FAIL[/]'}")
     return t
