@@ -35,8 +35,19 @@ def tiny_checkpoint(tmp_path_factory):
     """A synthetic tiny checkpoint in the official format (seed 0, 256 kB shards so there are several); read-only."""
     from dsv4.models.checkpoint_write import write_synthetic
 
-    return write_synthetic(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, shard_size="256KB",
-                           progress=False)
+    ck = write_synthetic(preset("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, shard_size="256KB",
+                         progress=False)
+    write_word_tokenizer(ck / "tokenizer.json", preset("tiny").vocab_size)  # shipped like the official one
+    return ck
+
+
+def write_word_tokenizer(path, vocab_size: int) -> None:
+    """A tokenizer.json (HF `tokenizers` format) whose words w0..w{V-1} are the ids 0..V-1, split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
 
 
 # ---- exported artifacts (export/, runtimes/): one export is 30-90 s on 2 cores, so they are shared ---------

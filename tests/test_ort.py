@@ -99,6 +99,29 @@ def test_packed_weights_stay_packed_in_the_session(tiny_artifact, tmp_path):
     assert "Cast" in readers <= {"Cast", "Shape"}  # the in-graph dequant (int32 -> table lookup) runs every call
 
 
+def test_generate_prompt_text_through_the_shipped_tokenizer(tiny_artifact_f32, capsys):
+    """The checkpoint's tokenizer.json travels into the artifact (hashed in the manifest); ``--prompt TEXT`` encodes
+    with it and prints the decoded text: the same tokens as ``--prompt-ids`` with the ids of those words."""
+    from dsv4.export.artifact import load_manifest
+    from dsv4.tools.cli import main
+
+    man = load_manifest(tiny_artifact_f32)
+    assert man["tokenizer"] == "tokenizer.json" and "tokenizer.json" in man["files"]
+    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "4"]) == 0
+    want = " ".join(f"w{line.strip()}" for line in capsys.readouterr().out.strip().splitlines())
+    assert main(["generate", str(tiny_artifact_f32), "--prompt", "w5 w17  w300", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == want
+
+
+def test_prompt_text_needs_a_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    from dsv4.tools.cmd_generate import _tokenizer
+
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        _tokenizer(SimpleNamespace(manifest={"tokenizer": None}, art=tmp_path))
+
+
 def test_missing_provider_is_a_clear_error(tiny_artifact):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
@@ -115,8 +138,8 @@ def test_generate_and_inspect_commands(tiny_artifact_f32, capsys):
     assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,3;4,5,6", "--max-new-tokens", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(len(line.split()) == 2 for line in lines)
-    assert main(["generate", str(tiny_artifact_f32), "--prompt", "hello"]) == 2  # no tokenizer.json shipped
-    assert "no tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(tiny_artifact_f32), "--prompt", "   "]) == 2
+    assert "no ids" in capsys.readouterr().err
     assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,999", "--max-new-tokens", "1"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["inspect", str(tiny_artifact_f32), "--json"]) == 0

@@ -48,18 +48,25 @@ def run(a: argparse.Namespace) -> int:
     if a.prompt is not None:
         tok = _tokenizer(gen)
         ids = [tok.encode(a.prompt).ids]
+        if not ids[0]:
+            raise ValueError(f"--prompt: the tokenizer turned {a.prompt!r} into no ids")
     else:
         ids = parse_ids(a.prompt_ids)
-    out = []
+    new, shown = [], ""
     for t in gen.generate(np.array(ids, dtype=np.int64), a.max_new_tokens, a.temperature, a.top_p, a.seed):
-        out.append(t)
         if tok is None:
             print(" ".join(str(int(v)) for v in t), flush=True)
-        else:
-            sys.stdout.write(tok.decode([int(t[0])]))
+            continue
+        # decode everything generated so far and print what is new: a token alone can be half a UTF-8 character
+        # or lack the space its neighbour implies; an incomplete character waits for the next token
+        new.append(int(t[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
+            shown = text
     if tok is not None:
-        print()
+        print(tok.decode(new)[len(shown):])
     return 0
 
 
