@@ -288,3 +288,36 @@ def test_fp8_weights_dequantise_with_ort_dequantize_linear_bit_for_bit(shape):
     o = ops(model)
     assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
     np.testing.assert_array_equal(run_ort(model, feed), body)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (3, 40, 128)])  # a linear, an expert stack
+def test_mxfp4_weights_dequantise_with_ort_dequantize_linear(shape):
+    """Mxfp4Linear (2-D) and Mxfp4Dequant (a 3-D stack) on weight initializers lower to DequantizeLinear over
+    QMoE's int8 re-encoding (block 32, zero point 128): the output equals the lookup-table body's (values equal;
+    the lookup's -0.0 for code 8 becomes +0.0)."""
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(_f(rng, *shape))
+    q, s = zip(*(quant.mxfp4_quantize(m) for m in w.reshape(-1, *shape[-2:])))
+    q = torch.stack([t.view(torch.uint8) for t in q]).reshape(*shape[:-1], shape[-1] // 2).numpy()
+    s = torch.stack([t.view(torch.uint8) for t in s]).reshape(*shape[:-1], shape[-1] // 32).numpy()
+    t = ir.tape.Tape()
+    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3, shape[-1]]))
+    wv, sv = (ir.Value(name=n, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(a.shape),
+                       const_value=ir.tensor(a, name=n)) for n, a in (("w", q), ("s", s)))
+    if len(shape) == 2:
+        y = t.op("Mxfp4Linear", [x, wv, sv], domain="dsv4")
+        inputs = [x]
+    else:
+        y = t.op("Mxfp4Dequant", [wv, sv], domain="dsv4")
+        inputs = []
+    y.name, y.dtype = "y", F32
+    model = ir.Model(ir.Graph(inputs, [y], nodes=t.nodes, initializers=[wv, sv], opset_imports={"": 23, "dsv4": 1}),
+                     ir_version=10)
+    custom_ops.attach_functions(model)
+    feed = {"x": _f(rng, 3, shape[-1])}
+    body = run_ort(model, feed)
+    counts = lower_ort.LowerOrtPass()(model).counts
+    assert counts["DequantizeLinear (MXFP4)"] == 1 and counts["DequantizeLinear (FP8)"] == 0
+    o = ops(model)
+    assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
+    np.testing.assert_array_equal(run_ort(model, feed), body)

@@ -240,8 +240,8 @@ def _op_counts(model: ir.Model) -> dict[str, int]:
 def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
     """After the fusion stage: exactly one dsv4.MoE per layer. After run(model, "ort-cpu"): exactly one
     com.microsoft MoE/QMoE per layer where the lowering is exact (none with quant_sim on: the body is inlined), no
-    dsv4 node left, every TopK is the routing of a fused MoE (learned layers) or the indexer's, and every FP8
-    weight dequantises with DequantizeLinear."""
+    dsv4 node left, every TopK is the routing of a fused MoE (learned layers) or the indexer's, every FP8 weight
+    and the MXFP4 expert stacks of a kept body (w1, w2, w3 per layer) dequantise with DequantizeLinear."""
     kind, raw, fused, counts, _ = raw_and_fused
     for g in GRAPHS:
         assert counts[g]["fuse_moe"]["MoE"] == N_LAYERS
@@ -252,7 +252,9 @@ def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
         topk = [n.metadata_props.get(DSV4_OP_KEY) for n in ir.load(fused / f"{g}.onnx").graph if n.op_type == "TopK"]
         assert sorted(topk) == ["IndexerTopK"] * 2 + ["MoE"] * N_LEARNED, topk
         fp8 = counts[g]["lower_ort"]["DequantizeLinear (FP8)"]  # every packed FP8 weight: ORT's own dequant
-        assert ops.get("DequantizeLinear", 0) == fp8 and (fp8 > 0) == (kind != "f32")
+        fp4 = counts[g]["lower_ort"]["DequantizeLinear (MXFP4)"]  # the expert stacks of a MoE that kept its body
+        assert ops.get("DequantizeLinear", 0) == fp8 + fp4 and (fp8 > 0) == (kind != "f32")
+        assert fp4 == (3 * N_LAYERS if kind == "packed" else 0)
 
 
 def _run_graphs(art: Path, ids: np.ndarray) -> list[np.ndarray]:
