@@ -181,9 +181,9 @@ class LowerMoE(pattern.RewriteRuleClassBase):
         return out
 
 
-# ---- FP8 weights: ORT's DequantizeLinear instead of the lookup table ----------------------------------------------
+# ---- FP8 and MXFP4 weights: ORT's DequantizeLinear instead of the lookup table ---------------------------------------
 def _packed_weight(w: ir.Value, s: ir.Value) -> str | None:
-    """None when (w, s) are FP8 bytes + E8M0 tile scales held as initializers that nothing else reads."""
+    """None when (w, s) are packed FP8 / MXFP4 bytes + E8M0 scales held as initializers that nothing else reads."""
     for name, v in (("weight", w), ("scale", s)):
         if not v.is_initializer() or v.dtype != ir.DataType.UINT8 or v.shape is None:
             return f"{name} {g.describe(v)} is not a uint8 initializer: dequantised by the body"
@@ -206,42 +206,6 @@ def dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
     return op.DequantizeLinear(f8, rows, axis=-1, block_size=FP8_BLOCK)
 
 
-class LowerFp8Linear(pattern.RewriteRuleClassBase):
-    """dsv4.Fp8Linear(x, w, s) -> its body with DequantizeLinear in place of the lookup-table dequant."""
-
-    def pattern(self, op, x, w, s):
-        return op.Fp8Linear(x, w, s, _domain=DOMAIN)
-
-    def check(self, context, x, w, s) -> MatchResult:
-        reason = _packed_weight(w, s)
-        return MatchResult().fail(reason) if reason else MatchResult()
-
-    def rewrite(self, op, x, w, s):
-        xf = op.Cast(x, to=ir.DataType.FLOAT)
-        wf = op.CastLike(dequantize_linear(op, w, s), xf)
-        out = op.CastLike(op.MatMul(xf, op.Transpose(wf, perm=[1, 0])), x)
-        for node in op.nodes:
-            node.metadata_props[g.DSV4_OP_KEY] = "Fp8Linear"
-        return out
-
-
-class LowerFp8Dequant(pattern.RewriteRuleClassBase):
-    """dsv4.Fp8Dequant(w, s) (whole weights, FP8 expert stacks) -> DequantizeLinear."""
-
-    def pattern(self, op, w, s):
-        return op.Fp8Dequant(w, s, _domain=DOMAIN)
-
-    def check(self, context, w, s) -> MatchResult:
-        reason = _packed_weight(w, s) or (None if w.shape.rank() in (2, 3) else "weight rank not 2 or 3")
-        return MatchResult().fail(reason) if reason else MatchResult()
-
-    def rewrite(self, op, w, s):
-        out = dequantize_linear(op, w, s)
-        for node in op.nodes:
-            node.metadata_props[g.DSV4_OP_KEY] = "Fp8Dequant"
-        return out
-
-
 # ---- MXFP4 weights left to the graph (quant_sim on: the MoE keeps its body): DequantizeLinear over int8 blocks --
 def mxfp4_dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
     """DequantizeLinear(q8, scale, zero point 128, axis=-1, block_size=32) over QMoE's lossless re-encoding of the
@@ -256,11 +220,15 @@ def mxfp4_dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
     return op.DequantizeLinear(q8, sc, zp, axis=-1, block_size=FP4_BLOCK)
 
 
-class LowerMxfp4Linear(pattern.RewriteRuleClassBase):
-    """dsv4.Mxfp4Linear(x, w, s) -> its body with DequantizeLinear in place of the lookup-table dequant."""
+class LowerPackedLinear(pattern.RewriteRuleClassBase):
+    """dsv4.Fp8Linear / Mxfp4Linear(x, w, s) -> its body with DequantizeLinear in place of the lookup-table dequant."""
+
+    def __init__(self, op_type: str, dequant):
+        super().__init__(f"Lower{op_type}")
+        self.op_type, self.dequant = op_type, dequant
 
     def pattern(self, op, x, w, s):
-        return op.Mxfp4Linear(x, w, s, _domain=DOMAIN)
+        return getattr(op, self.op_type)(x, w, s, _domain=DOMAIN)
 
     def check(self, context, x, w, s) -> MatchResult:
         reason = _packed_weight(w, s)
@@ -268,27 +236,31 @@ class LowerMxfp4Linear(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, w, s):
         xf = op.Cast(x, to=ir.DataType.FLOAT)
-        wf = op.CastLike(mxfp4_dequantize_linear(op, w, s), xf)
+        wf = op.CastLike(self.dequant(op, w, s), xf)
         out = op.CastLike(op.MatMul(xf, op.Transpose(wf, perm=[1, 0])), x)
         for node in op.nodes:
-            node.metadata_props[g.DSV4_OP_KEY] = "Mxfp4Linear"
+            node.metadata_props[g.DSV4_OP_KEY] = self.op_type
         return out
 
 
-class LowerMxfp4Dequant(pattern.RewriteRuleClassBase):
-    """dsv4.Mxfp4Dequant(w, s) (the expert stacks of a MoE that keeps its body) -> DequantizeLinear."""
+class LowerPackedDequant(pattern.RewriteRuleClassBase):
+    """dsv4.Fp8Dequant / Mxfp4Dequant(w, s) (whole weights, expert stacks) -> DequantizeLinear."""
+
+    def __init__(self, op_type: str, dequant):
+        super().__init__(f"Lower{op_type}")
+        self.op_type, self.dequant = op_type, dequant
 
     def pattern(self, op, w, s):
-        return op.Mxfp4Dequant(w, s, _domain=DOMAIN)
+        return getattr(op, self.op_type)(w, s, _domain=DOMAIN)
 
     def check(self, context, w, s) -> MatchResult:
         reason = _packed_weight(w, s) or (None if w.shape.rank() in (2, 3) else "weight rank not 2 or 3")
         return MatchResult().fail(reason) if reason else MatchResult()
 
     def rewrite(self, op, w, s):
-        out = mxfp4_dequantize_linear(op, w, s)
+        out = self.dequant(op, w, s)
         for node in op.nodes:
-            node.metadata_props[g.DSV4_OP_KEY] = "Mxfp4Dequant"
+            node.metadata_props[g.DSV4_OP_KEY] = self.op_type
         return out
 
 
@@ -297,11 +269,13 @@ def rules() -> pattern.RewriteRuleSet:
 
 
 def fp8_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([LowerFp8Linear.rule(), LowerFp8Dequant.rule()])
+    return pattern.RewriteRuleSet([LowerPackedLinear.rule("Fp8Linear", dequantize_linear),
+                                   LowerPackedDequant.rule("Fp8Dequant", dequantize_linear)])
 
 
 def mxfp4_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([LowerMxfp4Linear.rule(), LowerMxfp4Dequant.rule()])
+    return pattern.RewriteRuleSet([LowerPackedLinear.rule("Mxfp4Linear", mxfp4_dequantize_linear),
+                                   LowerPackedDequant.rule("Mxfp4Dequant", mxfp4_dequantize_linear)])
 
 
 def explain(model: ir.Model) -> dict[str, str]:

@@ -259,6 +259,30 @@ def test_mxfp4_to_int8_blocks_is_lossless():
     assert torch.equal(q * s, ref)
 
 
+def _assert_lowers_to_dequantize_linear(name: str, q: np.ndarray, s: np.ndarray, rng, key: str) -> None:
+    """A one-node model: dsv4.<name>Linear on x (2-D weights) or dsv4.<name>Dequant (3-D stacks) over the weight
+    initializers q, s; after LowerOrtPass it is one DequantizeLinear (counted under `key`) and no dsv4 node, and
+    its output equals the lookup-table body's (assert_array_equal: -0.0 == +0.0)."""
+    t = ir.tape.Tape()
+    cols = q.shape[-1] * (2 if name == "Mxfp4" else 1)
+    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3, cols]))
+    wv, sv = (ir.Value(name=n, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(a.shape),
+                       const_value=ir.tensor(a, name=n)) for n, a in (("w", q), ("s", s)))
+    linear = q.ndim == 2
+    y = t.op(f"{name}Linear", [x, wv, sv], domain="dsv4") if linear else t.op(f"{name}Dequant", [wv, sv], domain="dsv4")
+    y.name, y.dtype = "y", F32
+    model = ir.Model(ir.Graph([x] if linear else [], [y], nodes=t.nodes, initializers=[wv, sv],
+                              opset_imports={"": 23, "dsv4": 1}), ir_version=10)
+    custom_ops.attach_functions(model)
+    feed = {"x": _f(rng, 3, cols)} if linear else {}
+    body = run_ort(model, feed)
+    counts = lower_ort.LowerOrtPass()(model).counts
+    assert counts[key] == 1 and counts["DequantizeLinear (FP8)"] + counts["DequantizeLinear (MXFP4)"] == 1
+    o = ops(model)
+    assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
+    np.testing.assert_array_equal(run_ort(model, feed), body)
+
+
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300), (3, 130, 260)])  # whole tiles, partial tiles, a stack
 def test_fp8_weights_dequantise_with_ort_dequantize_linear_bit_for_bit(shape):
     """Fp8Linear (2-D) and Fp8Dequant (a 3-D stack) on weight initializers lower to DequantizeLinear over the same
@@ -268,26 +292,7 @@ def test_fp8_weights_dequantise_with_ort_dequantize_linear_bit_for_bit(shape):
     q, s = zip(*(quant.fp8_block_quantize(m) for m in (w.reshape(-1, *shape[-2:]))))
     q = torch.stack([t.view(torch.uint8) for t in q]).reshape(shape).numpy()
     s = torch.stack(s).reshape(*shape[:-2], *torch.stack(s).shape[1:]).numpy()
-    t = ir.tape.Tape()
-    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3, shape[-1]]))
-    wv, sv = (ir.Value(name=n, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(a.shape),
-                       const_value=ir.tensor(a, name=n)) for n, a in (("w", q), ("s", s)))
-    if len(shape) == 2:
-        y = t.op("Fp8Linear", [x, wv, sv], domain="dsv4")
-        inputs = [x]
-    else:
-        y = t.op("Fp8Dequant", [wv, sv], domain="dsv4")
-        inputs = []
-    y.name, y.dtype = "y", F32
-    model = ir.Model(ir.Graph(inputs, [y], nodes=t.nodes, initializers=[wv, sv], opset_imports={"": 23, "dsv4": 1}),
-                     ir_version=10)
-    custom_ops.attach_functions(model)
-    feed = {"x": _f(rng, 3, shape[-1])}
-    body = run_ort(model, feed)
-    assert lower_ort.LowerOrtPass()(model).counts["DequantizeLinear (FP8)"] == 1
-    o = ops(model)
-    assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
-    np.testing.assert_array_equal(run_ort(model, feed), body)
+    _assert_lowers_to_dequantize_linear("Fp8", q, s, rng, "DequantizeLinear (FP8)")
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (3, 40, 128)])  # a linear, an expert stack
@@ -300,24 +305,4 @@ def test_mxfp4_weights_dequantise_with_ort_dequantize_linear(shape):
     q, s = zip(*(quant.mxfp4_quantize(m) for m in w.reshape(-1, *shape[-2:])))
     q = torch.stack([t.view(torch.uint8) for t in q]).reshape(*shape[:-1], shape[-1] // 2).numpy()
     s = torch.stack([t.view(torch.uint8) for t in s]).reshape(*shape[:-1], shape[-1] // 32).numpy()
-    t = ir.tape.Tape()
-    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3, shape[-1]]))
-    wv, sv = (ir.Value(name=n, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(a.shape),
-                       const_value=ir.tensor(a, name=n)) for n, a in (("w", q), ("s", s)))
-    if len(shape) == 2:
-        y = t.op("Mxfp4Linear", [x, wv, sv], domain="dsv4")
-        inputs = [x]
-    else:
-        y = t.op("Mxfp4Dequant", [wv, sv], domain="dsv4")
-        inputs = []
-    y.name, y.dtype = "y", F32
-    model = ir.Model(ir.Graph(inputs, [y], nodes=t.nodes, initializers=[wv, sv], opset_imports={"": 23, "dsv4": 1}),
-                     ir_version=10)
-    custom_ops.attach_functions(model)
-    feed = {"x": _f(rng, 3, shape[-1])}
-    body = run_ort(model, feed)
-    counts = lower_ort.LowerOrtPass()(model).counts
-    assert counts["DequantizeLinear (MXFP4)"] == 1 and counts["DequantizeLinear (FP8)"] == 0
-    o = ops(model)
-    assert o.get("DequantizeLinear") == 1 and not any(k.startswith("dsv4.") for k in o), o
-    np.testing.assert_array_equal(run_ort(model, feed), body)
+    _assert_lowers_to_dequantize_linear("Mxfp4", q, s, rng, "DequantizeLinear (MXFP4)")
