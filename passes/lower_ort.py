@@ -26,11 +26,12 @@ FP8 weights (``Fp8Linear`` / ``Fp8Dequant`` on weight initializers) dequantise w
 the tile's rows, ``axis=-1, block_size=128``. The product is the lookup-table body's bit for bit (fp32 e4m3 value
 times a power of two), about 1.7x faster (4.9 vs 8.2 ms per 1M weights on the development machine).
 
-MXFP4 weights that no QMoE took (quant_sim on: the MoE keeps its body, whose expert stacks are ``Mxfp4Dequant``
-nodes) dequantise with ``DequantizeLinear`` too: ORT's CPU kernel has no FLOAT4E2M1 input and no E8M0 scale, but
-QMoE's int8 re-encoding above is lossless, so ``DequantizeLinear(q8, 2^(e-128), zero point 128, axis=-1,
-block_size=32)`` yields the lookup's values (its -0.0 for code 8 becomes +0.0) at about 3x its speed, for twice
-the packed bytes on disk: the same trade the QMoE path makes.
+MXFP4 weights that no QMoE took dequantise with ``DequantizeLinear`` too: ORT's CPU kernel has no FLOAT4E2M1 input
+and no E8M0 scale, but QMoE's int8 re-encoding above is lossless, so ``DequantizeLinear(q8, 2^(e-128), zero point
+128, axis=-1, block_size=32)`` yields the lookup's values (its -0.0 for code 8 becomes +0.0) at about 3x its speed,
+for twice the packed bytes on disk: the same trade the QMoE path makes. With quant_sim on (``act_quant=1``) the
+MoE keeps its body's math, but ``NarrowMoE`` first gathers the int8 blocks of only the experts some token selected
+(at decode N·top_k of E), bit-identical to the body.
 """
 
 from __future__ import annotations
@@ -207,9 +208,10 @@ def dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
 
 
 # ---- MXFP4 weights left to the graph (quant_sim on: the MoE keeps its body): DequantizeLinear over int8 blocks --
-def mxfp4_dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
+def mxfp4_dequantize_linear(op, w: ir.Value, s: ir.Value, experts: ir.Value | None = None) -> ir.Value:
     """DequantizeLinear(q8, scale, zero point 128, axis=-1, block_size=32) over QMoE's lossless re-encoding of the
-    codes (``q - 128 = 2·e2m1``, ``scale = 2^(e-128)``): derived initializers, twice the packed bytes."""
+    codes (``q - 128 = 2·e2m1``, ``scale = 2^(e-128)``): derived initializers, twice the packed bytes. `experts`
+    (int64 [U], stacks only): dequantise just those experts, gathered from the int8 blocks first."""
     shape, stacked = tuple(int(d) for d in w.shape), w.shape.rank() == 3
     sshape = tuple(int(d) for d in s.shape)
     q8 = derived_initializer(op, f"{w.name}.q8", ir.DataType.UINT8, (*shape[:-1], 2 * shape[-1]), [w], mxfp4_to_q8,
@@ -217,6 +219,8 @@ def mxfp4_dequantize_linear(op, w: ir.Value, s: ir.Value) -> ir.Value:
     sc = derived_initializer(op, f"{s.name}.q8_scale", ir.DataType.FLOAT, sshape, [s], e8m0_to_q8_scale, stacked)
     zp = derived_initializer(op, f"{s.name}.q8_zero", ir.DataType.UINT8, sshape, [s],
                              lambda t: torch.full(t.shape, ZERO_POINT, dtype=torch.uint8), stacked)
+    if experts is not None:
+        q8, sc, zp = (op.Gather(v, experts, axis=0) for v in (q8, sc, zp))
     return op.DequantizeLinear(q8, sc, zp, axis=-1, block_size=FP4_BLOCK)
 
 
@@ -264,8 +268,76 @@ class LowerPackedDequant(pattern.RewriteRuleClassBase):
         return out
 
 
+# ---- a MoE that keeps its body (act_quant=1) over MXFP4 stacks: dequantise only the experts some token selected --
+class NarrowMoE(pattern.RewriteRuleClassBase):
+    """dsv4.MoE (act_quant=1, MXFP4 expert stacks) -> its body's routing, the experts' stacks narrowed to the U
+    experts any token selected, dequantised by DequantizeLinear, and dsv4.MoEExperts over those U experts:
+
+        idx, w  = the body's routing (s = sqrt(softplus(x Wg^T)); TopK(s + bias) | tid2eid[ids]; normalise; scale)
+        used    = experts that occur in idx  [E];  eids = NonZero(used) [U];  pos = CumSum(used) - 1
+        y       = MoEExperts(x, w, pos[idx], DQ(q8_1[eids]), DQ(q8_2[eids]), DQ(q8_3[eids])) + shared
+
+    The body runs every expert on every token with routing weight 0 for the unselected ones, whose rows are exact
+    zeros in its sum over experts: dropping them leaves the same numbers. At decode (N·top_k < E) it dequantises
+    at most N·top_k experts instead of E; at prefill U = E and the cost is the body's.
+    """
+
+    def pattern(self, op, x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k, route_scale, swiglu_limit,
+                hash_routing, act_quant, scoring):
+        return op.MoE(x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, _domain=DOMAIN, top_k=top_k,
+                      route_scale=route_scale, swiglu_limit=swiglu_limit, hash_routing=hash_routing,
+                      act_quant=act_quant, scoring=scoring)
+
+    def check(self, context, w1, w2, w3, act_quant, scoring, **_) -> MatchResult:
+        if not act_quant.value:
+            return MatchResult().fail("act_quant=0: LowerMoE's contrib op takes this MoE")
+        if scoring.value != SCORING:
+            return MatchResult().fail(f"scoring {scoring.value!r}: the routing here is {SCORING}")
+        form, src = expert_form(w1, w2, w3)
+        if form != "mxfp4":
+            return MatchResult().fail(f"{form} expert stacks: only MXFP4 initializer stacks are narrowed")
+        for q, sc in src:
+            reason = _packed_weight(q, sc)
+            if reason:
+                return MatchResult().fail(reason)
+        return MatchResult()
+
+    def rewrite(self, op, x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k, route_scale, swiglu_limit,
+                hash_routing, act_quant, scoring):
+        f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+        logits = op.MatMul(op.Cast(x, to=f32), op.Transpose(op.Cast(gate_weight, to=f32), perm=[1, 0]))
+        s = op.Sqrt(op.Where(op.Greater(logits, op.Constant(value_float=SOFTPLUS_THRESHOLD)), logits,
+                             op.Softplus(logits)))
+        if hash_routing.value:
+            idx = op.Gather(tid2eid, ids, axis=0)
+        else:
+            _, idx = op.TopK(op.Add(s, op.Cast(bias, to=f32)), op.Constant(value_ints=[int(top_k.value)]), axis=-1,
+                             largest=1, sorted=1, _outputs=2)
+        w = op.GatherElements(s, idx, axis=1)
+        w = op.Mul(op.Div(w, op.ReduceSum(w, op.Constant(value_ints=[-1]), keepdims=1)),
+                   op.Constant(value_float=float(route_scale.value)))
+        (q1, s1), (q2, s2), (q3, s3) = expert_form(w1, w2, w3)[1]
+        n_exp = op.Constant(value_int=int(q1.shape[0]))
+        every = op.Range(op.Constant(value_int=0), n_exp, op.Constant(value_int=1))  # [E]
+        hit = op.Equal(op.Unsqueeze(op.Reshape(idx, op.Constant(value_ints=[-1])), op.Constant(value_ints=[1])), every)
+        used = op.ReduceMax(op.Cast(hit, to=i64), op.Constant(value_ints=[0]), keepdims=0)  # [E] 0/1
+        eids = op.Reshape(op.NonZero(used), op.Constant(value_ints=[-1]))  # [U]
+        pos = op.Sub(op.CumSum(used, op.Constant(value_int=0)), op.Constant(value_int=1))  # expert -> its row in eids
+        stacks = [mxfp4_dequantize_linear(op, q, sc, eids) for q, sc in ((q1, s1), (q2, s2), (q3, s3))]
+        y = op.MoEExperts(x, w, op.Gather(pos, idx, axis=0), *stacks, swiglu_limit=float(swiglu_limit.value),
+                          act_quant=int(act_quant.value), _domain=DOMAIN)
+        out = op.Add(y, op.Cast(shared, to=f32))
+        for node in op.nodes:  # census: these nodes implement the dsv4.MoE node
+            node.metadata_props[g.DSV4_OP_KEY] = "MoE"
+        return out
+
+
 def rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([LowerMoE.rule()])
+
+
+def narrow_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([NarrowMoE.rule()])
 
 
 def fp8_rules() -> pattern.RewriteRuleSet:
@@ -296,10 +368,14 @@ class LowerOrtPass(ir.passes.InPlacePass):
         n = rules().apply_to_model(model)  # first: it looks through the experts' dequant nodes
         if n:
             ir.passes.common.RemoveUnusedNodesPass()(model)
+        narrowed = narrow_rules().apply_to_model(model)  # the act_quant=1 MoEs that LowerMoE refused
+        if narrowed:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
         fp8 = fp8_rules().apply_to_model(model)
-        fp4 = mxfp4_rules().apply_to_model(model)  # after LowerMoE: only stacks whose MoE kept its body are left
+        fp4 = mxfp4_rules().apply_to_model(model)  # stacks of a MoE neither rule took (computed, shared...)
         if fp8 or fp4:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         ops = Counter(node.op_type for node in model.graph if node.domain == MS)
-        return Counted(model, n + fp8 + fp4 > 0, {"lowered": n, **{f"{MS}.{k}": v for k, v in sorted(ops.items())},
-                                                 "DequantizeLinear (FP8)": fp8, "DequantizeLinear (MXFP4)": fp4})
+        return Counted(model, n + narrowed + fp8 + fp4 > 0,
+                       {"lowered": n, **{f"{MS}.{k}": v for k, v in sorted(ops.items())}, "narrowed MoE": narrowed,
+                        "DequantizeLinear (FP8)": fp8, "DequantizeLinear (MXFP4)": fp4})

@@ -306,3 +306,24 @@ def test_mxfp4_weights_dequantise_with_ort_dequantize_linear(shape):
     q = torch.stack([t.view(torch.uint8) for t in q]).reshape(*shape[:-1], shape[-1] // 2).numpy()
     s = torch.stack([t.view(torch.uint8) for t in s]).reshape(*shape[:-1], shape[-1] // 32).numpy()
     _assert_lowers_to_dequantize_linear("Mxfp4", q, s, rng, "DequantizeLinear (MXFP4)")
+
+
+@pytest.mark.parametrize("selection", ["learned", "hash"])
+@pytest.mark.parametrize("tokens", [N, 2])  # all experts in use; fewer than E (2 tokens x top-2 of 8)
+def test_moe_with_act_quant_narrows_to_the_selected_experts(selection, tokens, monkeypatch):
+    """act_quant=1 over MXFP4 stacks (quant_sim on): no contrib op can hold the FP8 simulation, so the MoE keeps its
+    body's math, but only the experts some token selected are gathered and dequantised (DequantizeLinear over int8
+    blocks): the same numbers as the body, bit for bit, and the eager reference within RTOL."""
+    for name in ("D", "I"):  # the FP8 activation blocks are 128 wide: this layer's widths must be multiples
+        monkeypatch.setitem(globals(), name, 128)
+    model, w = routing_model(form="mxfp4", selection=selection, act_quant=1)
+    inputs = {k: v[:tokens] for k, v in feeds().items()}
+    raw = run_ort(model, inputs)
+    counts = run(model, "ort-cpu")
+    assert counts["fuse_moe"]["MoE"] == 1 and counts["lower_ort"]["narrowed MoE"] == 1
+    assert counts["lower_ort"]["lowered"] == 0
+    o = ops(model)
+    assert o.get("NonZero") == 1 and o.get("DequantizeLinear") == 3 and not any(k.startswith("dsv4.") for k in o), o
+    got = run_ort(model, inputs)
+    np.testing.assert_array_equal(got, raw)
+    assert_close(got, eager(w, "mxfp4", selection, inputs, act_quant=1), "narrowed MoE vs eager")

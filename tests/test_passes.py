@@ -241,7 +241,8 @@ def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
     """After the fusion stage: exactly one dsv4.MoE per layer. After run(model, "ort-cpu"): exactly one
     com.microsoft MoE/QMoE per layer where the lowering is exact (none with quant_sim on: the body is inlined), no
     dsv4 node left, every TopK is the routing of a fused MoE (learned layers) or the indexer's, every FP8 weight
-    and the MXFP4 expert stacks of a kept body (w1, w2, w3 per layer) dequantise with DequantizeLinear."""
+    dequantises with DequantizeLinear, and with quant_sim on every MoE is narrowed to its selected experts (their
+    MXFP4 stacks w1, w2, w3 through DequantizeLinear)."""
     kind, raw, fused, counts, _ = raw_and_fused
     for g in GRAPHS:
         assert counts[g]["fuse_moe"]["MoE"] == N_LAYERS
@@ -252,9 +253,10 @@ def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
         topk = [n.metadata_props.get(DSV4_OP_KEY) for n in ir.load(fused / f"{g}.onnx").graph if n.op_type == "TopK"]
         assert sorted(topk) == ["IndexerTopK"] * 2 + ["MoE"] * N_LEARNED, topk
         fp8 = counts[g]["lower_ort"]["DequantizeLinear (FP8)"]  # every packed FP8 weight: ORT's own dequant
-        fp4 = counts[g]["lower_ort"]["DequantizeLinear (MXFP4)"]  # the expert stacks of a MoE that kept its body
-        assert ops.get("DequantizeLinear", 0) == fp8 + fp4 and (fp8 > 0) == (kind != "f32")
-        assert fp4 == (3 * N_LAYERS if kind == "packed" else 0)
+        narrowed = counts[g]["lower_ort"]["narrowed MoE"]  # quant_sim on: the body's math over the selected experts
+        assert ops.get("DequantizeLinear", 0) == fp8 + 3 * narrowed and (fp8 > 0) == (kind != "f32")
+        assert narrowed == (N_LAYERS if kind == "packed" else 0)
+        assert counts[g]["lower_ort"]["DequantizeLinear (MXFP4)"] == 0  # no MXFP4 stack is left to the body
 
 
 def _run_graphs(art: Path, ids: np.ndarray) -> list[np.ndarray]:
@@ -303,9 +305,9 @@ def test_parity_vs_eager_is_unchanged(raw_and_fused, monkeypatch):
 
 def test_census_moe_part_is_the_fused_node_plus_the_shared_expert(raw_and_fused):
     """Per decoder layer, what ORT executes after the pipeline: the MoE part is only nodes implementing the fused
-    dsv4.MoE (one contrib MoE/QMoE where lowered) plus MoE.forward's views of x, y (and ids on hash layers) and,
-    where the body stays, the dequantisation of its expert stacks (its inputs); the shared expert is its own part;
-    every layer shrank."""
+    dsv4.MoE (one contrib MoE/QMoE where lowered, else NarrowMoE's routing, expert gathers and dequantisation and
+    the inlined MoEExperts body) plus MoE.forward's views of x, y (and ids on hash layers); the shared expert is its
+    own part; every layer shrank."""
     kind, raw, fused, _, _ = raw_and_fused
     before = census.census(ir.load(raw / "decode.onnx"))
     after_model = ir.load(fused / "decode.onnx")
@@ -315,7 +317,7 @@ def test_census_moe_part_is_the_fused_node_plus_the_shared_expert(raw_and_fused)
     for layer in layers:
         part = [n for n in after_model.graph if census.layer_of(n) == layer and census.part_of(n) == "moe"]
         tags = {n.metadata_props.get(DSV4_OP_KEY) for n in part}
-        assert tags == ({"MoE", None} if MOE_OP[kind] else {"MoE", "Mxfp4Dequant", None}), tags
+        assert tags == {"MoE", None}, tags  # quant_sim on too: NarrowMoE's stacks implement the MoE node
         glue = [n.op_type for n in part if n.metadata_props.get(DSV4_OP_KEY) is None]
         views = ["Reshape"] * (3 if layer in HASH_LAYERS else 2)
         # + where the body is inlined, a constant folded from it (shared by CSE across layers, so on some layers)
