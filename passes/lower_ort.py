@@ -288,9 +288,12 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
                       route_scale=route_scale, swiglu_limit=swiglu_limit, hash_routing=hash_routing,
                       act_quant=act_quant, scoring=scoring)
 
-    def check(self, context, w1, w2, w3, act_quant, scoring, **_) -> MatchResult:
+    def check(self, context, x, w1, w2, w3, act_quant, scoring, **_) -> MatchResult:
         if not act_quant.value:
             return MatchResult().fail("act_quant=0: LowerMoE's contrib op takes this MoE")
+        if _dtype(x) != ir.DataType.FLOAT:
+            return MatchResult().fail(f"x is {_dtype(x)}: the routing here is written for float32 graphs (an fp64 "
+                                      "body computes its scores in fp64 and keeps them)")
         if scoring.value != SCORING:
             return MatchResult().fail(f"scoring {scoring.value!r}: the routing here is {SCORING}")
         form, src = expert_form(w1, w2, w3)
