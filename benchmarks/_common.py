@@ -12,6 +12,19 @@ import time
 from pathlib import Path
 
 
+def add_common_args(p, prefill: list[int], decode_steps: int, repeat: int) -> None:
+    """The options every benchmark takes: preset, prompt lengths, decode steps, repeats, threads, workdir, output."""
+    p.add_argument("--preset", default="small")
+    p.add_argument("--prefill", type=int, nargs="+", default=prefill, help="prompt lengths of the prefill timings")
+    p.add_argument("--decode-steps", type=int, default=decode_steps)
+    p.add_argument("--repeat", type=int, default=repeat)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each side (default 1: on a shared 2-core box a 2-thread pool collapses whenever "
+                        "the other core is busy; eager small decode measured 0.3 s/step at 1 thread, 6.3 s at 2)")
+    p.add_argument("--workdir", help="keep (and reuse) the checkpoint, artifacts and libraries here, not a temp dir")
+    p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
+
+
 def timed(fn, repeat: int) -> float:
     """Median seconds of `repeat` calls after one warm-up call."""
     fn()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import decode_ms, machine, ratio, timed, update_section
+from _common import add_common_args, decode_ms, machine, ratio, timed, update_section
 
 SECTION = "## Graph passes: eager vs raw vs fused ORT-CPU (issue [4])"
 
@@ -119,16 +119,8 @@ def render(a, args, results, threads) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--prefill", type=int, nargs="+", default=[1024])
-    p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quant-sim", nargs="+", choices=("off", "on"), default=["off", "on"])
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads of each side (default 1: on a shared 2-core box a 2-thread pool collapses whenever "
-                        "the other core is busy)")
-    p.add_argument("--workdir", help="keep (and reuse) the checkpoint and the artifacts here instead of a temp dir")
-    p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
+    add_common_args(p, [1024], 16, 2)
     a = p.parse_args(argv)
 
     from dsv4.models.checkpoint_write import write_synthetic

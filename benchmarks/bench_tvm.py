@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, ratio, step_times, timed, update_section
+from _common import add_common_args, machine, ratio, step_times, timed, update_section
 
 SECTIONS = {"cpu": ("bench_tvm", "## TVM (llvm) beside eager and ONNX Runtime CPU (issue [5])"),
             "gpu": ("gpu_check", "## TVM (CUDA) and ONNX Runtime CUDA on a GPU (`tools/gpu_check.sh`, issue [5])")}
@@ -123,22 +123,14 @@ def runtime_side(gen):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
     p.add_argument("--backends", nargs="+", default=["eager", "ort-cpu", "tvm-llvm"], choices=BACKENDS)
-    p.add_argument("--prefill", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--weights", default="packed", help="packed (as shipped) or float32")
     p.add_argument("--no-quant-sim", dest="quant_sim", action="store_false")
     p.add_argument("--parity-steps", type=int, default=16, help="greedy steps of the parity run (0: no parity)")
     p.add_argument("--parity-prompt", type=int, default=300)
     p.add_argument("--section", default="cpu", choices=tuple(SECTIONS))
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads of each side (default 1: on a shared 2-core box a 2-thread pool collapses whenever "
-                        "the other core is busy)")
-    p.add_argument("--workdir", help="keep (and reuse) checkpoint, artifacts and compiled libraries here")
     p.add_argument("--json", help="also write the raw numbers here")
-    p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
+    add_common_args(p, [256, 1024], 32, 3)
     a = p.parse_args(argv)
 
     import tempfile
