@@ -112,6 +112,17 @@ def why_not(x, w1, w2, w3, shared, act_quant: ir.Attr, scoring: ir.Attr) -> str 
     return None
 
 
+def route(op, logits: ir.Value, bias: ir.Value, tid2eid: ir.Value, ids: ir.Value, k: int, hashed: bool):
+    """(scores, expert ids) of the MoE body's routing: s = sqrt(softplus(logits)) (softplus as torch's, linear
+    above its threshold); idx = tid2eid[ids] on hash layers, else TopK(s + bias, k) (ties to the lower index)."""
+    s = op.Sqrt(op.Where(op.Greater(logits, op.Constant(value_float=SOFTPLUS_THRESHOLD)), logits,
+                         op.Softplus(logits)))
+    if hashed:
+        return s, op.Gather(tid2eid, ids, axis=0)
+    _, idx = op.TopK(op.Add(s, bias), op.Constant(value_ints=[k]), axis=-1, largest=1, sorted=1, _outputs=2)
+    return s, idx
+
+
 class LowerMoE(pattern.RewriteRuleClassBase):
     """dsv4.MoE -> routing ops + com.microsoft.MoE / QMoE + route scale + shared add:
 
@@ -137,12 +148,7 @@ class LowerMoE(pattern.RewriteRuleClassBase):
                 hash_routing, **_):
         k, limit = int(top_k.value), float(swiglu_limit.value)
         logits = op.Gemm(x, gate_weight, transB=1)  # as exported (why_not: all float32)
-        s = op.Sqrt(op.Where(op.Greater(logits, op.Constant(value_float=SOFTPLUS_THRESHOLD)), logits,
-                             op.Softplus(logits)))
-        if hash_routing.value:
-            idx = op.Gather(tid2eid, ids, axis=0)
-        else:
-            _, idx = op.TopK(op.Add(s, bias), op.Constant(value_ints=[k]), axis=-1, largest=1, sorted=1, _outputs=2)
+        s, idx = route(op, logits, bias, tid2eid, ids, k, hash_routing.value)
         zeros = op.ConstantOfShape(op.Shape(s), value=ir.tensor(np.zeros(1, np.float32)))
         rp = op.Log(op.ScatterElements(zeros, idx, op.GatherElements(s, idx, axis=1), axis=1, reduction="add"))
         attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
@@ -309,13 +315,7 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
                 hash_routing, act_quant, scoring):
         f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
         logits = op.MatMul(op.Cast(x, to=f32), op.Transpose(op.Cast(gate_weight, to=f32), perm=[1, 0]))
-        s = op.Sqrt(op.Where(op.Greater(logits, op.Constant(value_float=SOFTPLUS_THRESHOLD)), logits,
-                             op.Softplus(logits)))
-        if hash_routing.value:
-            idx = op.Gather(tid2eid, ids, axis=0)
-        else:
-            _, idx = op.TopK(op.Add(s, op.Cast(bias, to=f32)), op.Constant(value_ints=[int(top_k.value)]), axis=-1,
-                             largest=1, sorted=1, _outputs=2)
+        s, idx = route(op, logits, op.Cast(bias, to=f32), tid2eid, ids, int(top_k.value), hash_routing.value)
         w = op.GatherElements(s, idx, axis=1)
         w = op.Mul(op.Div(w, op.ReduceSum(w, op.Constant(value_ints=[-1]), keepdims=1)),
                    op.Constant(value_float=float(route_scale.value)))
