@@ -87,6 +87,20 @@ class Generator:
         logits, self.state = self._run_decode(a, self.state)
         return logits
 
+    def run_step(self, ids, state) -> tuple[np.ndarray, dict]:
+        """One decode step from an explicit `state` (a dict of arrays in the manifest's state layout), not the held
+        one: returns (logits [batch, 1, vocab], the new state); the held sequences are not touched."""
+        a = self._ids(ids, "step")
+        if a.shape[1] != 1:
+            raise ValueError(f"step: one token per sequence, got {a.shape[1]}")
+        pos = np.asarray(state["pos"])
+        if pos.shape != (a.shape[0],):
+            raise ValueError(f"step: state batch {list(pos.shape)} does not match the ids' batch {a.shape[0]}")
+        if int(pos.max()) + 1 > self.max_seq_len:
+            raise CapacityError(f"step: max_seq_len={self.max_seq_len} reached: the state holds {int(pos.max())} "
+                                "positions")
+        return self._run_decode(a, state)
+
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> Iterator[np.ndarray]:
         """Prefill `ids`, then yield the next token of every sequence ([batch] int64), `max_new_tokens` times.

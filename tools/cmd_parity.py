@@ -19,20 +19,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="ort", choices=("ort", "tvm"), help="runtime that runs the artifact")
     p.add_argument("--tvm-target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"), help="with --backend tvm")
     p.add_argument("--compiled", help="with --backend tvm: a `dsv4 compile` directory (default: compile now)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also compare every decoder layer's output streams (names the first divergent layer; ort)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
+    import sys
+
     from rich.console import Console
 
-    from dsv4.runtimes.parity import render, run_parity
+    from dsv4.runtimes.parity import plain_lines, render, run_parity
 
     rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
-                     seed=a.seed, optimization=a.optimization, backend=a.backend,
-                     tvm_options={"target": a.tvm_target, "compiled": a.compiled})
+                     seed=a.seed, optimization=a.optimization, backend=a.backend, threads=a.threads,
+                     tvm_options={"target": a.tvm_target, "compiled": a.compiled}, per_layer=a.per_layer,
+                     progress=None)
     if a.json:
         print(json.dumps(rep.to_json(), indent=2, default=float))
-    else:
+    elif sys.stdout.isatty():
         Console().print(render(rep))
+    else:  # logs: one row per line, names never wrapped, then one line per problem
+        print("\n".join(plain_lines(rep)))
     return 0 if rep.ok else 1

@@ -20,10 +20,14 @@ class Generator(_Base):
     """
 
     def __init__(self, art: str | Path, providers: list[str] | None = None, optimization: str = "all",
-                 threads: int | None = None, spinning: bool = False, verify: bool = True):
+                 threads: int | None = None, spinning: bool = False, verify: bool = True, layer_taps: bool = False):
         super().__init__()
         self.art = Path(art)
-        self.manifest, self.sessions = load_sessions(art, providers, optimization, threads, spinning, verify)
+        # layer_taps: run copies of the graphs that also output every decoder layer's streams (layer_outputs)
+        self._taps = layer_taps
+        self.manifest, self.sessions = load_sessions(art, providers, optimization, threads, spinning, verify,
+                                                     layer_taps)
+        self.layer_outputs: dict[str, np.ndarray] = {}
         cfg = self.manifest["config"]
         self.vocab_size, self.max_seq_len = int(cfg["vocab_size"]), int(cfg["max_seq_len"])
         self.names = [e["name"] for e in self.manifest["state"]]
@@ -31,6 +35,8 @@ class Generator(_Base):
 
     def _state(self, outputs: list[np.ndarray], session) -> dict[str, np.ndarray]:
         by_name = dict(zip((o.name for o in session.get_outputs()), outputs))
+        if self._taps:
+            self.layer_outputs = {k.split(".")[0]: v for k, v in by_name.items() if k.endswith(".streams")}
         return {n: by_name[present(n)] for n in self.names}
 
     def _run_prefill(self, ids):

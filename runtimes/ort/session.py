@@ -51,10 +51,58 @@ def session_options(manifest: dict, optimization: str = "all", threads: int | No
     return so, disabled
 
 
+TAP = "layer{}.streams"  # graph output name of a decoder layer's output streams in a tapped copy
+
+
+def layer_output_values(path: Path, hc_mult: int, dim: int) -> list[str]:
+    """Names of the values that carry each decoder layer's output streams [B, T, hc_mult, dim] out of the layer, in
+    layer order: produced by a node of layers.i (torch's module path in the node metadata), read by a node outside
+    it. Raises if a layer has none or several (the graph no longer says where its layers end)."""
+    import onnx_ir as ir
+
+    from dsv4.passes._graph import layer_of
+
+    model = ir.load(str(path))
+    found: dict[int, set[str]] = {}
+    for node in model.graph:
+        layer = layer_of(node)
+        if layer is None or not layer.startswith("layers."):
+            continue
+        for v in node.outputs:
+            if v.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16) or v.shape is None \
+                    or v.shape.rank() != 4 or list(v.shape)[2:] != [hc_mult, dim]:
+                continue
+            if any(layer_of(u.node) != layer for u in v.uses()) or v.is_graph_output():
+                found.setdefault(int(layer.split(".")[1]), set()).add(v.name)
+    n_layers = max(found) + 1 if found else 0
+    bad = [i for i in range(n_layers) if len(found.get(i, ())) != 1]
+    if not found or bad:
+        raise ValueError(f"{path}: cannot tap the decoder layers' outputs: layer(s) {bad or 'all'} have "
+                         f"{[sorted(found.get(i, ())) for i in bad] if bad else 'no'} [B,T,{hc_mult},{dim}] output "
+                         "values read outside the layer")
+    return [next(iter(found[i])) for i in range(n_layers)]
+
+
+def tapped_model(art: Path, graph_file: str, hc_mult: int, dim: int) -> bytes:
+    """`graph_file` with extra outputs ``layer{i}.streams``: the decoder layers' output streams (an Identity of each
+    tapped value), serialised for a session built in memory; the artifact is not touched (its weights are read in
+    place, see load_sessions)."""
+    import onnx
+
+    values = layer_output_values(art / graph_file, hc_mult, dim)
+    m = onnx.load(str(art / graph_file), load_external_data=False)
+    for i, v in enumerate(values):
+        name = TAP.format(i)
+        m.graph.node.append(onnx.helper.make_node("Identity", [v], [name], name=f"tap_{name}"))
+        m.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    return m.SerializeToString()
+
+
 def load_sessions(art: str | Path, providers: list[str] | None = None, optimization: str = "all",
-                  threads: int | None = None, spinning: bool = False,
-                  verify: bool = True) -> tuple[dict, dict[str, ort.InferenceSession]]:
-    """(manifest, {"prefill": session, "decode": session}); verifies the artifact's hashes unless verify=False."""
+                  threads: int | None = None, spinning: bool = False, verify: bool = True,
+                  layer_taps: bool = False) -> tuple[dict, dict[str, ort.InferenceSession]]:
+    """(manifest, {"prefill": session, "decode": session}); verifies the artifact's hashes unless verify=False.
+    layer_taps: run copies of the graphs that also output every decoder layer's streams (``tapped_model``)."""
     art = Path(art)
     man = load_manifest(art, verify=verify)
     provs = providers_for(man["target"], providers)
@@ -62,6 +110,11 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
     # path; by default its CPU kernel quantises the activations to int8 (rel. error 1e-2). Read at session creation.
     os.environ.setdefault("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
     so, disabled = session_options(man, optimization, threads, spinning)
-    sessions = {g: ort.InferenceSession(str(art / info["file"]), so, providers=provs, disabled_optimizers=disabled)
-                for g, info in man["graphs"].items()}
+    models: dict = {g: str(art / info["file"]) for g, info in man["graphs"].items()}
+    if layer_taps:  # in-memory graphs read their external weights from the artifact directory
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(art.resolve()))
+        cfg = man["config"]
+        models = {g: tapped_model(art, info["file"], cfg["hc_mult"], cfg["dim"]) for g, info in man["graphs"].items()}
+    sessions = {g: ort.InferenceSession(m, so, providers=provs, disabled_optimizers=disabled)
+                for g, m in models.items()}
     return man, sessions
