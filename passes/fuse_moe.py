@@ -22,6 +22,7 @@ from dsv4.export.functions import DOMAIN, SOFTPLUS_THRESHOLD
 
 from . import _graph as g
 from .cleanup import Counted, nodes
+from .expect import shortfall
 
 SCORING = "sqrtsoftplus"
 
@@ -224,7 +225,11 @@ class FuseMoEPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model):
         before = nodes(model)
+        layers = sum(1 for node in model.graph if node.op_type == "MoEExperts" and node.domain == DOMAIN)
         n = rules().apply_to_model(model)
         if n:
             ir.passes.common.RemoveUnusedNodesPass()(model)
-        return Counted(model, n > 0, {"MoE": n, "removed": before - nodes(model)})
+        # every MoE layer becomes one dsv4.MoE node: the back ends' sparse paths (ORT's MoE/QMoE, NarrowMoE) need it
+        left = {name: reason for name, reason in explain(model).items()}
+        shortfall(f"fuse_moe: MoE layers fused into dsv4.MoE (expected one per MoE layer, {layers})", layers, left)
+        return Counted(model, n > 0, {"MoE": n, "expected MoE": layers, "removed": before - nodes(model)})

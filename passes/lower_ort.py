@@ -52,6 +52,8 @@ from dsv4.models.config import FP4_BLOCK, FP8_BLOCK
 from . import _graph as g
 from .cleanup import Counted
 from .derived import derived_initializer, single_use
+from .expect import shortfall
+from .expect import why_not as why
 from .fuse_moe import SCORING
 
 MS = "com.microsoft"
@@ -353,6 +355,26 @@ def mxfp4_rules() -> pattern.RewriteRuleSet:
                                    LowerPackedDequant.rule("Mxfp4Dequant", mxfp4_dequantize_linear)])
 
 
+PACKED_OPS = ("Fp8Linear", "Mxfp4Linear", "Fp8Dequant", "Mxfp4Dequant")
+
+
+def expected_moe(model: ir.Model) -> tuple[list[str], list[str]]:
+    """(dsv4.MoE nodes LowerMoE must lower, nodes NarrowMoE must narrow), by what the target promises rather than by
+    the rules' own checks: every float32 MoE with act_quant=0 runs as MoE/QMoE, every float32 act_quant=1 MoE over
+    MXFP4 initializer stacks is narrowed. fp64 graphs (exactness artifacts) keep their bodies by design."""
+    lower, narrow = [], []
+    for node in model.graph:
+        if node.op_type != "MoE" or node.domain != DOMAIN or _dtype(node.inputs[0]) != ir.DataType.FLOAT:
+            continue
+        w1, w2, w3 = node.inputs[5:8]
+        if not node.attributes["act_quant"].value:
+            if all(_dtype(w) == ir.DataType.FLOAT for w in (w1, w2, w3)):
+                lower.append(node.name)
+        elif expert_form(w1, w2, w3)[0] == "mxfp4":
+            narrow.append(node.name)
+    return lower, narrow
+
+
 def explain(model: ir.Model) -> dict[str, str]:
     """For every dsv4.MoE node of the main graph: the ORT op it lowers to, or why its body stays."""
     out = {}
@@ -368,6 +390,7 @@ class LowerOrtPass(ir.passes.InPlacePass):
     """Lower every dsv4.MoE node that ORT's contrib ops reproduce; the others keep their bodies (see explain)."""
 
     def call(self, model: ir.Model):
+        want_lower, want_narrow = expected_moe(model)
         n = rules().apply_to_model(model)  # first: it looks through the experts' dequant nodes
         if n:
             ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -379,6 +402,16 @@ class LowerOrtPass(ir.passes.InPlacePass):
         if fp8 or fp4:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         ops = Counter(node.op_type for node in model.graph if node.domain == MS)
+        by_name = {node.name: node for node in model.graph}
+        shortfall("lower_ort: dsv4.MoE nodes lowered to com.microsoft.MoE/QMoE (float32, act_quant=0)",
+                  len(want_lower), {k: why(rules(), model, by_name[k]) for k in want_lower if k in by_name})
+        shortfall("lower_ort: dsv4.MoE nodes narrowed (float32, act_quant=1, MXFP4 stacks)", len(want_narrow),
+                  {k: why(narrow_rules(), model, by_name[k]) for k in want_narrow if k in by_name})
+        packed = [node for node in model.graph if node.domain == DOMAIN and node.op_type in PACKED_OPS
+                  and _packed_weight(*node.inputs[-2:]) is None]  # uint8 initializers only this node reads
+        shortfall("lower_ort: packed FP8/MXFP4 weights dequantised by DequantizeLinear", fp8 + fp4 + len(packed),
+                  {node.name: why(fp8_rules() if node.op_type.startswith("Fp8") else mxfp4_rules(), model, node)
+                   for node in packed})
         return Counted(model, n + narrowed + fp8 + fp4 > 0,
                        {"lowered": n, **{f"{MS}.{k}": v for k, v in sorted(ops.items())}, "narrowed MoE": narrowed,
                         "DequantizeLinear (FP8)": fp8, "DequantizeLinear (MXFP4)": fp4})

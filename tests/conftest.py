@@ -116,3 +116,38 @@ def tiny_tvm_llvm(tiny_artifact_tvm, tmp_path_factory):
     out = tmp_path_factory.mktemp("tvm") / "tiny_llvm"
     compile_artifact(tiny_artifact_tvm, out, target="tvm-llvm", progress=False)
     return out
+
+
+def fuse_artifact(src, dst, target: str = "ort-cpu") -> dict:
+    """A copy of a raw artifact with the target's pipeline applied to both graphs (what export with passes writes,
+    except that the derived weights are stored inside the .onnx files); the manifest follows the new files."""
+    import shutil
+
+    import onnx_ir as ir
+
+    from dsv4.export import artifact, custom_ops
+    from dsv4.export.signature import GRAPHS
+    from dsv4.passes import pipeline
+
+    shutil.copytree(src, dst)
+    man = artifact.load_manifest(dst, verify=False)
+    counts = {}
+    for g in GRAPHS:
+        path = dst / f"{g}.onnx"
+        model = ir.load(path)
+        counts[g] = pipeline.run(model, target)
+        ir.save(model, path)
+        man["graphs"][g] |= {"nodes": sum(1 for _ in model.graph), "pass_counts": counts[g],
+                             "dsv4_nodes": dict(custom_ops.dsv4_nodes(model))}
+        man["files"][path.name] = {"bytes": path.stat().st_size, "sha256": artifact.sha256(path)}
+    artifact.write_manifest(dst, man)
+    return counts
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_default(tiny_artifact, tmp_path_factory):
+    """tiny_artifact with the ort-cpu pipeline applied: what ``dsv4 export`` writes by default (packed FP8/MXFP4,
+    quant_sim on, fp32, passes on; the derived weights inside the graph files)."""
+    dst = tmp_path_factory.mktemp("fused") / "packed"
+    fuse_artifact(tiny_artifact, dst)
+    return dst

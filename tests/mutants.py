@@ -32,26 +32,36 @@ def refresh_hashes(art: Path) -> None:
     mpath.write_text(json.dumps(man, indent=2) + "\n")
 
 
-def _external(art: Path, name: str) -> tuple[Path, int, int, int]:
-    """(file, offset, length, onnx dtype) of the external initializer `name` (looked up in prefill.onnx)."""
-    m = onnx.load(str(art / "prefill.onnx"), load_external_data=False)
-    for t in m.graph.initializer:
-        if t.name == name:
-            info = {e.key: e.value for e in t.external_data}
-            return art / info["location"], int(info.get("offset", 0)), int(info["length"]), t.data_type
-    raise KeyError(f"{name}: no external initializer of that name in {art / 'prefill.onnx'}")
+GRAPH_FILES = ("prefill.onnx", "decode.onnx")
 
 
 def edit_weight(art: Path, name: str, fn) -> None:
-    """Replace the bytes of weight `name` in the weights file by fn(values) (both graphs read them)."""
-    path, off, n, dt = _external(art, name)
-    np_dt = onnx.helper.tensor_dtype_to_np_dtype(dt)
-    buf = bytearray(path.read_bytes())
-    old = np.frombuffer(bytes(buf[off:off + n]), dtype=np_dt)
-    new = np.asarray(fn(old.copy()), dtype=np_dt)
-    assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
-    buf[off:off + n] = new.tobytes()
-    path.write_bytes(bytes(buf))
+    """Replace weight `name` by fn(values): in the weights file when it is stored there (both graphs read it), else
+    in every graph file that holds it inline (derived weights of a pass pipeline run outside export)."""
+    done = False
+    for g in GRAPH_FILES:
+        m = onnx.load(str(art / g), load_external_data=False)
+        t = next((t for t in m.graph.initializer if t.name == name), None)
+        if t is None:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            path, off, n = art / info["location"], int(info.get("offset", 0)), int(info["length"])
+            np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            buf = bytearray(path.read_bytes())
+            old = np.frombuffer(bytes(buf[off:off + n]), dtype=np_dt).reshape(tuple(t.dims))
+            new = np.asarray(fn(old.copy()), dtype=np_dt)
+            assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
+            buf[off:off + n] = new.tobytes()
+            path.write_bytes(bytes(buf))
+            return
+        old = numpy_helper.to_array(t)
+        new = np.asarray(fn(old.copy()), dtype=old.dtype)
+        assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
+        t.CopyFrom(numpy_helper.from_array(new, name))
+        onnx.save(m, str(art / g))
+        done = True
+    assert done, f"{name}: no initializer of that name in {art}"
 
 
 def scale_weight(art: Path, name: str, factor: float) -> None:
@@ -105,3 +115,69 @@ def in_layer(layer: int, op: str, dsv4_op: str | None = None, const=None):
                                     and float(numpy_helper.to_array(consts[v]).reshape(-1)[0]) == const
                                     for v in n.input)
     return pred
+
+
+def set_attribute(art: Path, graph: str, pred, attr: str, value) -> str:
+    """In `graph`.onnx only: attribute `attr` of the first node matching pred(node, metadata, constants) := value."""
+    path = art / f"{graph}.onnx"
+    m = onnx.load(str(path), load_external_data=False)
+    consts = _inits(m)
+    node = next(n for n in m.graph.node if pred(n, {p.key: p.value for p in n.metadata_props}, consts))
+    a = next(a for a in node.attribute if a.name == attr)
+    assert onnx.helper.get_attribute_value(a) != value, f"{node.name}.{attr}: the edit changed nothing"
+    a.CopyFrom(onnx.helper.make_attribute(attr, value))
+    onnx.save(m, str(path))
+    return node.name
+
+
+def expert_scale_stack(art: Path, layer: int) -> str:
+    """The name of a layer's w1 expert scales as this artifact stores them: the checkpoint's E8M0 bytes (raw graph)
+    or ort-cpu's lossless re-encoding 2^(e-128) as float32 (lower_ort), where byte + 1 is x2."""
+    m = onnx.load(str(art / "prefill.onnx"), load_external_data=False)
+    names = {t.name for t in m.graph.initializer}
+    for n in (f"layers.{layer}.ffn.experts.w1.scale.q8_scale", f"layers.{layer}.ffn.experts.w1.scale"):
+        if n in names:
+            return n
+    raise KeyError(f"layer {layer}: no w1 expert scales in {art}")
+
+
+def e8m0_plus_one(values: np.ndarray) -> np.ndarray:
+    """One expert's first E8M0 scale + 1 (a byte; a float32 power of two doubles)."""
+    out = values.copy()
+    flat = out.reshape(-1)
+    flat[0] = flat[0] + 1 if out.dtype == np.uint8 else flat[0] * 2
+    return out
+
+
+# name -> (what it edits, the edit); each keeps hashes valid (refresh_hashes) so that only parity can catch it
+MUTANTS = {
+    "norm": ("final norm.weight x 1.01", lambda a: scale_weight(a, "norm.weight", 1.01)),
+    "kv_norm": ("layers.1.attn.kv_norm.weight x 1.01", lambda a: scale_weight(a, "layers.1.attn.kv_norm.weight", 1.01)),
+    "route_scale": ("decode.onnx only: layer 2's routed-expert scale 1.5 -> 1.515",
+                    lambda a: replace_input(a, "decode", in_layer(2, "Mul", "MoE", const=1.5), lambda v: v * 1.01)),
+    "sinkhorn": ("decode.onnx only: layer 1's Sinkhorn with 5 iterations instead of 20",
+                 lambda a: sinkhorn_iterations(a, layer=1, iters=5)),
+    "rope": ("layers.1 RoPE frequencies sign-flipped", lambda a: scale_weight(a, "layers.1.attn.inv_freq", -1.0)),
+    "indexer_topk": ("decode.onnx only: layer 3's indexer top-k 16 -> 15",
+                     lambda a: replace_input(a, "decode", in_layer(3, "TopK", "IndexerTopK"), lambda v: v - 1, index=1)),
+    "e8m0": ("layers.2 expert 0's first w1 E8M0 scale byte + 1",
+             lambda a: edit_weight(a, expert_scale_stack(a, 2), e8m0_plus_one)),
+}
+
+
+def sinkhorn_iterations(art: Path, layer: int, iters: int) -> str:
+    """decode.onnx only: the first Sinkhorn of `layer` runs `iters` sweeps: the dsv4.HcSplitSinkhorn node's
+    attribute (raw graph) or the trip count of its inlined Loop (iters - 1 after the first normalisation)."""
+    m = onnx.load(str(art / "decode.onnx"), load_external_data=False)
+    if any(n.op_type == "HcSplitSinkhorn" for n in m.graph.node):
+        return set_attribute(art, "decode", in_layer(layer, "HcSplitSinkhorn"), "iters", iters)
+    return replace_input(art, "decode", in_layer(layer, "Loop", "HcSplitSinkhorn"), lambda v: v * 0 + iters - 1,
+                         index=0)
+
+
+def make(src: Path, dst: Path, name: str) -> Path:
+    """A copy of artifact `src` at `dst` with mutant `name` applied and the manifest's hashes refreshed."""
+    copy(src, dst)
+    MUTANTS[name][1](dst)
+    refresh_hashes(dst)
+    return dst

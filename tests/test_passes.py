@@ -5,7 +5,6 @@ node per layer, no routing TopK outside it, parity vs eager unchanged, fewer nod
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import fuse_artifact
 
 from dsv4.export import artifact, custom_ops, export
 from dsv4.export.targets import TARGETS
@@ -192,24 +192,6 @@ def tiny_eager_q(tiny_checkpoint):
     return load_model(tiny_checkpoint, keep_quantized=True, quant_sim=False, max_seq_len=1024, progress=False)
 
 
-def fuse_artifact(src: Path, dst: Path, target: str = "ort-cpu") -> dict:
-    """A copy of a raw artifact with the target's pipeline applied to both graphs (what export with passes writes,
-    except that the derived weights are stored inside the .onnx files); the manifest follows the new files."""
-    shutil.copytree(src, dst)
-    man = artifact.load_manifest(dst, verify=False)
-    counts = {}
-    for g in GRAPHS:
-        path = dst / f"{g}.onnx"
-        model = ir.load(path)
-        counts[g] = pipeline.run(model, target)
-        ir.save(model, path)
-        man["graphs"][g] |= {"nodes": sum(1 for _ in model.graph), "pass_counts": counts[g],
-                             "dsv4_nodes": dict(custom_ops.dsv4_nodes(model))}
-        man["files"][path.name] = {"bytes": path.stat().st_size, "sha256": artifact.sha256(path)}
-    artifact.write_manifest(dst, man)
-    return counts
-
-
 _FUSED: dict = {}
 
 
@@ -220,6 +202,9 @@ def raw_and_fused(request, tmp_path_factory):
     kind = request.param
     raw = request.getfixturevalue({"q": "tiny_artifact_q", "f32": "tiny_artifact_f32", "packed": "tiny_artifact"}[kind])
     eager = request.getfixturevalue({"q": "tiny_eager_q", "f32": "tiny_eager_f32", "packed": "tiny_eager_packed"}[kind])
+    if kind == "packed":  # the default export (passes on), shared with the mutation tests
+        dst = request.getfixturevalue("tiny_artifact_default")
+        _FUSED[kind] = (dst, {g: artifact.load_manifest(dst, verify=False)["graphs"][g]["pass_counts"] for g in GRAPHS})
     if kind not in _FUSED:
         dst = tmp_path_factory.mktemp("fused") / kind
         _FUSED[kind] = (dst, fuse_artifact(Path(raw), dst))

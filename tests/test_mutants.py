@@ -1,0 +1,113 @@
+"""The mutation suite of ``dsv4 parity`` (issue [6]): subtle edits of the default tiny artifact (packed FP8/MXFP4,
+quant_sim on, passes on), manifest hashes refreshed so that only the numerical verdict can catch them. Every
+mutant must FAIL with the tensor or layer that diverged named; the unmutated artifact must PASS.
+
+The fast tier (make test) judges every mutant against ONE eager reference (eager fp32, its fp64 twin and noise
+twins run once) with 300 prompt tokens and 16 decode steps; the slow tier runs ``dsv4 parity`` in its default
+mode (300 + 64) on each.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mutants import MUTANTS, make
+
+from dsv4.export.artifact import load_manifest
+from dsv4.runtimes.parity import eager_reference, run_parity
+
+FAST_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifact_default, tiny_eager_packed):
+    man = load_manifest(tiny_artifact_default, verify=False)
+    return eager_reference(tiny_eager_packed, man, steps=FAST_STEPS, prompt_len=300, per_layer=True)
+
+
+@pytest.fixture(scope="module")
+def mutant(tiny_artifact_default, tmp_path_factory):
+    made: dict = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = make(tiny_artifact_default, tmp_path_factory.mktemp("mutant") / name, name)
+        return made[name]
+    return get
+
+
+def test_the_unmutated_default_artifact_passes(tiny_artifact_default, reference):
+    rep = run_parity(tiny_artifact_default, reference=reference, per_layer=True, threads=1)
+    assert rep.ok, rep.summary()
+    assert rep.summary() == "PASS" and rep.first_divergent_layer is None
+    judged = [r for r in rep.rows if r.quantiles]
+    assert len(judged) > 40 and all(r.criterion for r in rep.rows)
+    logits = next(r for r in rep.rows if r.name == "decode.logits")
+    assert logits.quantiles["p90"] <= 1e-4 and logits.share_out <= 0.05  # teacher-forced steps: fp32 noise
+
+
+# what each mutant must be reported for: a row that must fail, and the first divergent layer where one is implied
+EXPECT = {
+    "norm": ("prefill.logits", None),
+    "kv_norm": ("prefill.layer1", 1),
+    "route_scale": ("decode.layer2", 2),
+    "sinkhorn": ("decode.logits", None),
+    "rope": ("prefill.layer1", 1),
+    "indexer_topk": ("decode.layer3", 3),
+    "e8m0": ("decode.layer2", 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_every_mutant_fails_and_names_what_diverged(name, mutant, reference):
+    art = mutant(name)
+    load_manifest(art, verify=True)  # the hashes were refreshed: only the numbers can tell
+    rep = run_parity(art, reference=reference, per_layer=True, threads=1)
+    row, layer = EXPECT[name]
+    assert not rep.ok, f"{name} ({MUTANTS[name][0]}) passed parity"
+    assert row in rep.diverged, (name, rep.summary())
+    if layer is not None:
+        assert rep.first_divergent_layer == layer, (name, rep.summary())
+    assert rep.summary().startswith("FAIL: diverged: ") and row in rep.summary()
+    assert all(r.failed for r in rep.rows if not r.ok)
+
+
+def test_sinkhorn_edit_of_the_raw_graph_fails(tiny_artifact, tmp_path, reference):
+    """The edit as measured in the issue: the raw graph's dsv4.HcSplitSinkhorn node with iters=5 in decode.onnx."""
+    art = make(tiny_artifact, tmp_path / "raw_sinkhorn", "sinkhorn")
+    rep = run_parity(art, reference=reference, threads=1)
+    assert not rep.ok and "decode.logits" in rep.diverged, rep.summary()
+
+
+def test_per_layer_cli_names_layer_1_for_the_kv_norm_edit(mutant, capsys):
+    """``dsv4 parity ART --per-layer`` on the layers.1 kv_norm mutant: exit 1, layer 1 named first, one problem a line."""
+    from dsv4.tools.cli import main
+
+    art = mutant("kv_norm")
+    assert main(["parity", str(art), "--per-layer", "--steps", "4", "--prompt-len", "200", "--threads", "1"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "first divergent layer: 1" in out
+    assert any(line.startswith("problem: prefill.layer1: p50 ") for line in out)
+    assert not any(line.startswith("problem: prefill.layer0") for line in out)
+    assert out[-1].startswith("FAIL: diverged: ")
+
+
+def test_parity_json_carries_the_verdict_per_row(tiny_artifact_default, capsys):
+    from dsv4.tools.cli import main
+
+    assert main(["parity", str(tiny_artifact_default), "--steps", "4", "--prompt-len", "60", "--json",
+                 "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["summary"] == "PASS" and out["diverged"] == []
+    assert all(r["criterion"] for r in out["rows"])
+    assert {"eager prefill", "artifact prefill", "artifact decode step"} <= set(out["seconds"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_every_mutant_fails_dsv4_parity_in_default_mode(name, mutant):
+    """``dsv4 parity ART`` as a user runs it (300-token prompt, 64 steps, the eager model rebuilt from the source)."""
+    from dsv4.tools.cli import main
+
+    assert main(["parity", str(mutant(name))]) == 1
