@@ -121,3 +121,29 @@ def test_parity_cli_passes_and_fails(tiny_artifact, tmp_path, capsys):
     assert out["ok"] and out["greedy_steps"] == 4 and out["rows"][0]["name"] == "prefill.logits"
     other = write_synthetic(preset("tiny"), tmp_path / "seed1", seed=1, progress=False)
     assert main(["parity", str(tiny_artifact), "--checkpoint", str(other), "--steps", "4", "--prompt-len", "40"]) == 1
+
+
+def _default_export(tmp_path, preset_name: str, seed: int):
+    """``dsv4 export --preset P --seed S``: packed FP8/MXFP4, quant_sim on, fp32, the ort-cpu pipeline."""
+    from dsv4.export.export import export_artifact
+    from dsv4.models.checkpoint_write import write_synthetic
+    from dsv4.models.config import preset
+    from dsv4.passes.pipeline import run
+
+    ck = write_synthetic(preset(preset_name), tmp_path / "ckpt", seed=seed, progress=False)
+    return export_artifact(tmp_path / "art", checkpoint=ck, progress=False,
+                           transform=lambda model, graph, target: run(model, target.name)).path
+
+
+@pytest.mark.slow  # one tiny export each (~2.5 min on 2 cores)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_honest_tiny_artifacts_pass_the_calibrated_verdict(tmp_path, seed):
+    """Issue [6]: honest default artifacts of five checkpoint seeds pass with the default 300-token prompt + 64 steps."""
+    rep = run_parity(_default_export(tmp_path, "tiny", seed), steps=64, prompt_len=300, threads=1)
+    assert rep.ok, rep.summary()
+
+
+@pytest.mark.slow  # the small export and 64 steps (~10 min on 2 cores)
+def test_honest_small_artifact_passes_the_calibrated_verdict(tmp_path):
+    rep = run_parity(_default_export(tmp_path, "small", 0), steps=64, prompt_len=300, threads=1)
+    assert rep.ok, rep.summary()
