@@ -157,14 +157,24 @@ def check_external_data(root: Path, graph_file: str, listed: set[str]) -> None:
 
 
 # ---- progress --------------------------------------------------------------------------------------------------
+class _NoStatus:
+    def update(self, *_a, **_k) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def stage_printer(show: bool | None):
-    """``with stage_printer(None) as stage: with stage("trace decode"): ...``: a spinner per stage and a line
-    with its time when done (shown when `show`, or when stderr is a terminal if None)."""
+    """``with stage_printer(None) as stage: with stage("trace decode") as st: st.update("step 3/64")``: a spinner
+    per stage (its text updatable, e.g. with a step count) and a line with its time when done (shown when `show`,
+    or when stderr is a terminal if None)."""
     if show is None:
         show = sys.stderr.isatty() and not os.environ.get("DSV4_NO_PROGRESS")
     if not show:
-        yield lambda name: contextlib.nullcontext()
+        @contextlib.contextmanager
+        def quiet(name: str):
+            yield _NoStatus()
+
+        yield quiet
         return
     from rich.console import Console
 
@@ -173,11 +183,19 @@ def stage_printer(show: bool | None):
     @contextlib.contextmanager
     def stage(name: str):
         t = time.perf_counter()
-        with console.status(f"[bold]{name}[/] ..."):
-            yield
+        with console.status(f"[bold]{name}[/] ...") as status:
+            yield _Status(status, name)
         console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t:.1f} s)[/]")
 
     yield stage
+
+
+class _Status:
+    def __init__(self, status, name: str):
+        self.status, self.name = status, name
+
+    def update(self, text: str) -> None:
+        self.status.update(f"[bold]{self.name}[/] {text}")
 
 
 # ---- inspection ----------------------------------------------------------------------------------------------

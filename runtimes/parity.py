@@ -324,21 +324,23 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
     calibrated_tokens = tol.top1_slack is not None
     if calibrated_tokens:
         twin = fp64_twin(m)
-        with stage(f"fp64 twin: prefill + {steps} steps"), torch.no_grad():
+        with stage(f"fp64 twin: prefill + {steps} steps") as st, torch.no_grad():
             l64, s64 = twin(ids)
             ref.twin_prefill_top = l64.argmax(-1).numpy()
             tok = l64[:, -1:].argmax(-1)
-            for _ in range(steps):
+            for k in range(steps):
+                st.update(f"step {k + 1}/{steps}")
                 ref.tokens.append(tok.numpy())
                 l64, s64 = twin(tok, s64)
                 tok = l64[:, -1:].argmax(-1)
                 ref.twin_step_tops.append(tok[:, 0].numpy())
         del twin
     t = time.perf_counter()
-    with stage(f"eager decode ({steps} steps)"), torch.no_grad():
+    with stage(f"eager decode ({steps} steps)") as progress, torch.no_grad():
         tok = logits[:, -1:].argmax(-1)
         st = state
         for k in range(steps):
+            progress.update(f"step {k + 1}/{steps}")
             if not calibrated_tokens:
                 ref.tokens.append(tok.numpy())
             cap = {}
@@ -358,12 +360,13 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
     if calibrated:
         for j in range(tol.noise_twins):
             tr = Trace()
-            with stage(f"noise twin {j + 1}/{tol.noise_twins}: prefill + {steps} steps"), torch.no_grad():
+            with stage(f"noise twin {j + 1}/{tol.noise_twins}: prefill + {steps} steps") as st, torch.no_grad():
                 cap = {}
                 with _hooks(m, 1000 + j, cap):
                     lj, sj = m(ids)
                 tr.prefill_logits, tr.prefill_state, tr.prefill_layers = lj.numpy(), _np(sj), dict(cap)
                 for k, s_in in enumerate(ref.inputs):
+                    st.update(f"step {k + 1}/{steps}")
                     cap = {}
                     with _hooks(m, 2000 + 97 * j + k, cap):
                         lk, sk = m(torch.from_numpy(ref.tokens[k]), {n: torch.from_numpy(v) for n, v in s_in.items()})
@@ -567,9 +570,10 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         # decode, step by step from the eager state of each step
         got_steps = []
         inputs = ref.inputs
-        with stage(f"artifact decode: {steps} steps from the eager state"):
+        with stage(f"artifact decode: {steps} steps from the eager state") as st:
             t = time.perf_counter()
             for k in range(steps):
+                st.update(f"step {k + 1}/{steps}")
                 lk, sk = gen.run_step(ref.tokens[k], inputs[k])
                 got_steps.append((lk, {n: np.asarray(sk[n]) for n in names}, taps()))
             rep.seconds["artifact decode step"] = (time.perf_counter() - t) / max(steps, 1)
@@ -588,9 +592,10 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         # free running: the artifact on its own state, fed the driving tokens; greedy agreement
         agree64 = 0
         free = []
-        with stage(f"artifact decode: {steps} steps free running"):
+        with stage(f"artifact decode: {steps} steps free running") as st:
             gen.prefill(ref.ids)
             for k in range(steps):
+                st.update(f"step {k + 1}/{steps}")
                 lk = gen.step(ref.tokens[k])
                 free.append(lk)
                 a = lk[:, -1].argmax(-1)

@@ -119,8 +119,13 @@ def test_parity_cli_passes_and_fails(tiny_artifact, tmp_path, capsys):
     assert main(["parity", str(tiny_artifact), "--steps", "4", "--prompt-len", "40", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["greedy_steps"] == 4 and out["rows"][0]["name"] == "prefill.logits"
+    assert out["summary"] == "PASS" and out["diverged"] == [] and all(r["criterion"] for r in out["rows"])
+    assert {"eager prefill", "artifact prefill", "artifact decode step"} <= set(out["seconds"])
     other = write_synthetic(preset("tiny"), tmp_path / "seed1", seed=1, progress=False)
     assert main(["parity", str(tiny_artifact), "--checkpoint", str(other), "--steps", "4", "--prompt-len", "40"]) == 1
+    lines = capsys.readouterr().out.splitlines()  # not a terminal: one row a line, one problem a line, the verdict
+    assert lines[-1].startswith("FAIL: diverged: prefill.logits")
+    assert any(line.startswith("problem: prefill.logits: p50 ") for line in lines)
 
 
 def _default_export(tmp_path, preset_name: str, seed: int):
