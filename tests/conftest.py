@@ -151,3 +151,14 @@ def tiny_artifact_default(tiny_artifact, tmp_path_factory):
     dst = tmp_path_factory.mktemp("fused") / "packed"
     fuse_artifact(tiny_artifact, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_packed_reference(tiny_artifact, tiny_eager_packed):
+    """The eager side of parity for every tiny packed quant_sim-on fp32 artifact (raw, default, mutants): eager fp32,
+    its fp64 twin and two noise twins on the 300-token prompt + 64 steps, layer streams captured (~40 s, once)."""
+    from dsv4.export.artifact import load_manifest
+    from dsv4.runtimes.parity import eager_reference
+
+    return eager_reference(tiny_eager_packed, load_manifest(tiny_artifact, verify=False), steps=64, prompt_len=300,
+                           per_layer=True)

@@ -3,8 +3,8 @@ quant_sim on, passes on), manifest hashes refreshed so that only the numerical v
 mutant must FAIL with the tensor or layer that diverged named; the unmutated artifact must PASS.
 
 The fast tier (make test) judges every mutant against ONE eager reference (eager fp32, its fp64 twin and noise
-twins run once) with 300 prompt tokens and 16 decode steps; the slow tier runs ``dsv4 parity`` in its default
-mode (300 + 64) on each.
+twins run once: conftest.tiny_packed_reference, 300 prompt tokens + 64 steps, the default mode's); the slow tier
+runs ``dsv4 parity`` itself on each (the eager side rebuilt every time, as a user runs it).
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import pytest
 from mutants import MUTANTS, make
 
 from dsv4.export.artifact import load_manifest
-from dsv4.runtimes.parity import eager_reference, run_parity
-
-FAST_STEPS = 16
+from dsv4.runtimes.parity import run_parity
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_artifact_default, tiny_eager_packed):
-    man = load_manifest(tiny_artifact_default, verify=False)
-    return eager_reference(tiny_eager_packed, man, steps=FAST_STEPS, prompt_len=300, per_layer=True)
+def reference(tiny_packed_reference):
+    return tiny_packed_reference
 
 
 @pytest.fixture(scope="module")

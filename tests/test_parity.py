@@ -41,12 +41,11 @@ def test_fp64_with_quant_sim_reproduces_every_rounding_decision(tiny_artifact_f6
 
 
 @pytest.mark.parametrize("optimization", ["all", "disable"])
-def test_fp32_packed_with_quant_sim(tiny_artifact, tiny_eager_packed, optimization):
+def test_fp32_packed_with_quant_sim(tiny_artifact, tiny_packed_reference, optimization):
     """tiny as shipped (packed FP8/MXFP4, quant_sim on, fp32): within the calibrated fp32+quant_sim tolerance
     (rounding flips, see TOLERANCES): the artifact agrees with the eager model's fp64 twin about as often as the
     eager fp32 model does; most elements still within 1e-4."""
-    steps = 64 if optimization == "all" else 8  # the 64-step acceptance run once; the unoptimized graph shorter
-    rep = run_parity(tiny_artifact, model=tiny_eager_packed, steps=steps, prompt_len=300, optimization=optimization)
+    rep = run_parity(tiny_artifact, reference=tiny_packed_reference, optimization=optimization)  # 300 + 64
     assert tuple(rep.tolerance_key) == ("float32", True)
     assert rep.ok, ([r for r in rep.rows if not r.ok], rep.vs_fp64)
     assert set(rep.vs_fp64) == {"eager top-1", "artifact top-1", "eager greedy", "artifact greedy"}
@@ -152,3 +151,29 @@ def test_honest_tiny_artifacts_pass_the_calibrated_verdict(tmp_path, seed):
 def test_honest_small_artifact_passes_the_calibrated_verdict(tmp_path):
     rep = run_parity(_default_export(tmp_path, "small", 0), steps=64, prompt_len=300, threads=1)
     assert rep.ok, rep.summary()
+
+
+def test_judge_rows_holds_quantiles_and_share_to_the_noise_twins():
+    """The calibrated verdict of one tensor: sparse flips like the twins' pass; a systematic shift of every position
+    or 20% of the decode steps fails, naming the quantile or share; prefill judges the median only."""
+    import numpy as np
+
+    from dsv4.runtimes.parity import judge_rows
+
+    tol = TOLERANCES[("float32", True)]
+    rng = np.random.default_rng(0)
+    noise = [np.abs(rng.normal(0, 1e-6, 300)) for _ in range(2)]
+    noise[0][:5] = 0.05  # a twin's flips
+    honest = np.abs(rng.normal(0, 1e-6, 300))
+    honest[:6] = 0.04
+    ok = judge_rows("decode.logits", [300], honest, noise, 1e-4, tol, scale=3.0, propagating=False)
+    assert ok.ok and ok.bound == pytest.approx(3e-4) and ok.failed == ""
+    shifted = honest + 0.03
+    bad = judge_rows("decode.logits", [300], shifted, noise, 1e-4, tol, scale=3.0, propagating=False)
+    assert not bad.ok and bad.failed.startswith("p50 0.03") and "of positions >" in bad.failed
+    some = honest.copy()
+    some[:60] = 0.05  # 20% of the steps
+    part = judge_rows("decode.logits", [300], some, noise, 1e-4, tol, scale=3.0, propagating=False)
+    assert not part.ok and part.failed.startswith("p90 0.05") and "20.0% of positions" in part.failed
+    assert judge_rows("prefill.logits", [300], some, noise, 1e-4, tol, scale=3.0, propagating=True).ok
+    assert not judge_rows("prefill.logits", [300], shifted, noise, 1e-4, tol, scale=3.0, propagating=True).ok
