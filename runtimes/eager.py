@@ -1,0 +1,216 @@
+"""The eager side of a parity run: the eager model (and its fp64 twin and noise twins) on the parity prompt,
+recorded once as a ``Reference`` that any artifact exported from the same model can be judged against."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsv4.export.artifact import stage_printer
+
+from .verdict import ULP_REL, tolerance_for
+
+
+# ---- the eager side ---------------------------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """What one run computed: prefill logits and state, and per decode step its logits and state (by step)."""
+
+    prefill_logits: np.ndarray | None = None
+    prefill_state: dict = field(default_factory=dict)
+    prefill_layers: dict = field(default_factory=dict)  # "layer{i}" -> [B,T,hc,D]
+    step_logits: list = field(default_factory=list)  # [B,1,V] per step
+    step_states: list = field(default_factory=list)  # output state of each step
+    step_layers: list = field(default_factory=list)
+
+
+@dataclass
+class Reference:
+    """The eager side of a parity run, reusable for every artifact exported from the same model and config (the
+    mutation tests judge several artifacts against one). ``tokens[k]`` drives decode step k; ``inputs[k]`` is
+    the eager state step k starts from (inputs[0] is the prefill's output)."""
+
+    key: tuple
+    ids: np.ndarray
+    tokens: list
+    eager: Trace
+    noise: list  # Trace per noise twin (teacher-forced from the eager states)
+    per_layer: bool
+    fresh: dict  # the initial state (prefill's input)
+    vs_fp64: dict = field(default_factory=dict)  # eager fp32 vs its fp64 twin: top-1, greedy
+    twin_prefill_top: np.ndarray | None = None
+    twin_step_tops: list = field(default_factory=list)  # the fp64 twin's greedy token per step
+    eager_greedy_steps: list = field(default_factory=list)  # eager fp32 free-running token per step
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def inputs(self) -> list:
+        return [self.eager.prefill_state, *self.eager.step_states[:-1]]
+
+
+def _np(state: dict) -> dict:
+    return {k: v.detach().numpy() for k, v in state.items()}
+
+
+NOISE_SITES = ("Linear", "RMSNorm")  # module classes whose outputs a noise twin moves (besides the layer outputs)
+
+
+@contextlib.contextmanager
+def _hooks(model, perturb_seed: int | None, capture: dict | None):
+    """Forward hooks: with `perturb_seed`, move the output of every linear layer, every RMSNorm and every decoder
+    layer by +-1 ulp at random (a noise twin: where another fp32 implementation's accumulation order differs);
+    with `capture`, record every decoder layer's output streams ("layer{i}" -> numpy)."""
+    gen = torch.Generator().manual_seed(perturb_seed) if perturb_seed is not None else None
+    handles = []
+
+    def jitter(t):
+        r = torch.randint(0, 3, t.shape, generator=gen).to(t.dtype) - 1
+        return t * (1 + ULP_REL * r)
+
+    def layer_hook(i):
+        def hook(mod, inp, out):
+            X, st = out
+            if gen is not None:
+                X = jitter(X)
+            if capture is not None:
+                capture[f"layer{i}"] = X.detach().numpy().copy()
+            return X, st
+        return hook
+
+    def module_hook(mod, inp, out):
+        return jitter(out) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    if gen is not None:
+        handles += [mod.register_forward_hook(module_hook) for mod in model.modules()
+                    if type(mod).__name__ in NOISE_SITES]
+    for i, layer in enumerate(model.layers):
+        handles.append(layer.register_forward_hook(layer_hook(i)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: Path | None = None):
+    """The eager DeepseekV4 the artifact was exported from: `checkpoint` if given, else the manifest's source
+    (a checkpoint path, or a synthetic preset + seed, rebuilt in `workdir`)."""
+    from dsv4.models.checkpoint import load_model
+
+    dtype = getattr(torch, manifest["dtype"])
+    cfg = manifest["config"]
+    overrides = {"max_seq_len": cfg["max_seq_len"], "quant_sim": cfg["quant_sim"]}
+    src = manifest["source"]
+    if checkpoint is None and src["kind"] == "checkpoint":
+        checkpoint = src["path"]
+    if checkpoint is None and src["kind"] == "synthetic":
+        from dsv4.models.checkpoint_write import write_synthetic
+        from dsv4.models.config import preset
+
+        if workdir is None:
+            raise ValueError("eager_model: a synthetic source needs a workdir")
+        checkpoint = write_synthetic(preset(src["preset"], **overrides), workdir / "ckpt", seed=src["seed"],
+                                     progress=False)
+    if checkpoint is None:
+        raise ValueError("parity: the artifact was exported from an in-memory model; pass --checkpoint DIR")
+    return load_model(checkpoint, dtype=dtype, keep_quantized=manifest["weights"] == "packed", progress=False,
+                      **overrides)
+
+
+def fp64_twin(model):
+    """A float64 copy of an eager model: same weights (packed bytes stay bytes), every computation in fp64."""
+    twin = copy.deepcopy(model).to(torch.float64)
+    twin.dtype = torch.float64
+    return twin.eval()
+
+
+def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int = 300, batch: int = 1, seed: int = 0,
+                    per_layer: bool = False, stage: Callable | None = None) -> Reference:
+    """Run the eager model (and, for calibrated tolerances, its fp64 twin and noise twins) on the parity prompt."""
+    from dsv4.models.state import init_state
+
+    if stage is None:
+        with stage_printer(False) as quiet:
+            return eager_reference(model, manifest, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed,
+                                   per_layer=per_layer, stage=quiet)
+    key, tol = tolerance_for(manifest)
+    cfg = manifest["config"]
+    if prompt_len + steps > cfg["max_seq_len"]:
+        raise ValueError(f"parity: prompt {prompt_len} + {steps} steps exceed max_seq_len={cfg['max_seq_len']}")
+    m = model.eval()
+    ids = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    calibrated = tol.noise_factor is not None
+    ref = Reference(key, ids.numpy(), [], Trace(), [], per_layer, _np(init_state(m.args, batch, m.dtype)))
+    cap: dict = {}
+    t = time.perf_counter()
+    with stage(f"eager prefill ({prompt_len} tokens)"), torch.no_grad(), _hooks(m, None, cap if per_layer else None):
+        logits, state = m(ids)
+    ref.eager.prefill_logits, ref.eager.prefill_state, ref.eager.prefill_layers = logits.numpy(), _np(state), dict(cap)
+    ref.seconds["eager prefill"] = time.perf_counter() - t
+
+    # the driving tokens: the fp64 twin's greedy tokens (calibrated) or the eager model's own
+    calibrated_tokens = tol.top1_slack is not None
+    if calibrated_tokens:
+        twin = fp64_twin(m)
+        with stage(f"fp64 twin: prefill + {steps} steps") as st, torch.no_grad():
+            l64, s64 = twin(ids)
+            ref.twin_prefill_top = l64.argmax(-1).numpy()
+            tok = l64[:, -1:].argmax(-1)
+            for k in range(steps):
+                st.update(f"step {k + 1}/{steps}")
+                ref.tokens.append(tok.numpy())
+                l64, s64 = twin(tok, s64)
+                tok = l64[:, -1:].argmax(-1)
+                ref.twin_step_tops.append(tok[:, 0].numpy())
+        del twin
+    t = time.perf_counter()
+    with stage(f"eager decode ({steps} steps)") as progress, torch.no_grad():
+        tok = logits[:, -1:].argmax(-1)
+        st = state
+        for k in range(steps):
+            progress.update(f"step {k + 1}/{steps}")
+            if not calibrated_tokens:
+                ref.tokens.append(tok.numpy())
+            cap = {}
+            with _hooks(m, None, cap if per_layer else None):
+                lk, st = m(torch.from_numpy(ref.tokens[k]), st)
+            ref.eager.step_logits.append(lk.numpy())
+            ref.eager.step_states.append(_np(st))
+            ref.eager.step_layers.append(dict(cap))
+            ref.eager_greedy_steps.append(lk[:, -1].argmax(-1).numpy())
+            tok = lk[:, -1:].argmax(-1)
+    ref.seconds["eager decode step"] = (time.perf_counter() - t) / max(steps, 1)
+    if tol.top1_slack is not None:
+        ref.vs_fp64 = {"eager top-1": float(np.mean(ref.eager.prefill_logits.argmax(-1) == ref.twin_prefill_top)),
+                       "eager greedy": float(np.mean([np.array_equal(a, b) for a, b in
+                                                      zip(ref.eager_greedy_steps, ref.twin_step_tops)]))
+                       if steps else 1.0}
+    if calibrated:
+        for j in range(tol.noise_twins):
+            tr = Trace()
+            with stage(f"noise twin {j + 1}/{tol.noise_twins}: prefill + {steps} steps") as st, torch.no_grad():
+                cap = {}
+                with _hooks(m, 1000 + j, cap):
+                    lj, sj = m(ids)
+                tr.prefill_logits, tr.prefill_state, tr.prefill_layers = lj.numpy(), _np(sj), dict(cap)
+                for k, s_in in enumerate(ref.inputs):
+                    st.update(f"step {k + 1}/{steps}")
+                    cap = {}
+                    with _hooks(m, 2000 + 97 * j + k, cap):
+                        lk, sk = m(torch.from_numpy(ref.tokens[k]), {n: torch.from_numpy(v) for n, v in s_in.items()})
+                    tr.step_logits.append(lk.numpy())
+                    tr.step_states.append(_np(sk))
+                    tr.step_layers.append(dict(cap) if per_layer else {})
+            ref.noise.append(tr)
+    return ref
