@@ -59,8 +59,18 @@ class Reference:
         return [self.eager.prefill_state, *self.eager.step_states[:-1]]
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor on the host as numpy (the eager model may run on a GPU; the comparisons run on the host)."""
+    return t.detach().cpu().numpy()
+
+
 def _np(state: dict) -> dict:
-    return {k: v.detach().numpy() for k, v in state.items()}
+    return {k: _host(v) for k, v in state.items()}
+
+
+def model_device(model) -> torch.device:
+    """Where the eager model's tensors live (its first parameter or buffer; the CPU for an empty module)."""
+    return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
 
 
 NOISE_SITES = ("Linear", "RMSNorm")  # module classes whose outputs a noise twin moves (besides the layer outputs)
@@ -75,7 +85,7 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
     handles = []
 
     def jitter(t):
-        r = torch.randint(0, 3, t.shape, generator=gen).to(t.dtype) - 1
+        r = torch.randint(0, 3, t.shape, generator=gen).to(device=t.device, dtype=t.dtype) - 1
         return t * (1 + ULP_REL * r)
 
     def layer_hook(i):
@@ -84,7 +94,7 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
             if gen is not None:
                 X = jitter(X)
             if capture is not None:
-                capture[f"layer{i}"] = X.detach().numpy().copy()
+                capture[f"layer{i}"] = _host(X).copy()
             return X, st
         return hook
 
@@ -137,7 +147,8 @@ def fp64_twin(model):
 
 def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int = 300, batch: int = 1, seed: int = 0,
                     per_layer: bool = False, stage: Callable | None = None) -> Reference:
-    """Run the eager model (and, for calibrated tolerances, its fp64 twin and noise twins) on the parity prompt."""
+    """Run the eager model (and, for calibrated tolerances, its fp64 twin and noise twins) on the parity prompt, on
+    the device the model is on (the GPU check runs it on the GPU); everything recorded is host numpy."""
     from dsv4.models.state import init_state
 
     if stage is None:
@@ -150,13 +161,17 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
         raise ValueError(f"parity: prompt {prompt_len} + {steps} steps exceed max_seq_len={cfg['max_seq_len']}")
     m = model.eval()
     ids = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    dev = model_device(m)
+
+    def on_dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(dev)
     calibrated = tol.noise_factor is not None
     ref = Reference(key, ids.numpy(), [], Trace(), [], per_layer, _np(init_state(m.args, batch, m.dtype)))
     cap: dict = {}
     t = time.perf_counter()
     with stage(f"eager prefill ({prompt_len} tokens)"), torch.no_grad(), _hooks(m, None, cap if per_layer else None):
-        logits, state = m(ids)
-    ref.eager.prefill_logits, ref.eager.prefill_state, ref.eager.prefill_layers = logits.numpy(), _np(state), dict(cap)
+        logits, state = m(ids.to(dev))
+    ref.eager.prefill_logits, ref.eager.prefill_state, ref.eager.prefill_layers = _host(logits), _np(state), dict(cap)
     ref.seconds["eager prefill"] = time.perf_counter() - t
 
     # the driving tokens: the fp64 twin's greedy tokens (calibrated) or the eager model's own
@@ -164,15 +179,15 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
     if calibrated_tokens:
         twin = fp64_twin(m)
         with stage(f"fp64 twin: prefill + {steps} steps") as st, torch.no_grad():
-            l64, s64 = twin(ids)
-            ref.twin_prefill_top = l64.argmax(-1).numpy()
+            l64, s64 = twin(ids.to(dev))
+            ref.twin_prefill_top = _host(l64.argmax(-1))
             tok = l64[:, -1:].argmax(-1)
             for k in range(steps):
                 st.update(f"step {k + 1}/{steps}")
-                ref.tokens.append(tok.numpy())
+                ref.tokens.append(_host(tok))
                 l64, s64 = twin(tok, s64)
                 tok = l64[:, -1:].argmax(-1)
-                ref.twin_step_tops.append(tok[:, 0].numpy())
+                ref.twin_step_tops.append(_host(tok[:, 0]))
         del twin
     t = time.perf_counter()
     with stage(f"eager decode ({steps} steps)") as progress, torch.no_grad():
@@ -181,14 +196,14 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
         for k in range(steps):
             progress.update(f"step {k + 1}/{steps}")
             if not calibrated_tokens:
-                ref.tokens.append(tok.numpy())
+                ref.tokens.append(_host(tok))
             cap = {}
             with _hooks(m, None, cap if per_layer else None):
-                lk, st = m(torch.from_numpy(ref.tokens[k]), st)
-            ref.eager.step_logits.append(lk.numpy())
+                lk, st = m(on_dev(ref.tokens[k]), st)
+            ref.eager.step_logits.append(_host(lk))
             ref.eager.step_states.append(_np(st))
             ref.eager.step_layers.append(dict(cap))
-            ref.eager_greedy_steps.append(lk[:, -1].argmax(-1).numpy())
+            ref.eager_greedy_steps.append(_host(lk[:, -1].argmax(-1)))
             tok = lk[:, -1:].argmax(-1)
     ref.seconds["eager decode step"] = (time.perf_counter() - t) / max(steps, 1)
     if tol.top1_slack is not None:
@@ -202,14 +217,14 @@ def eager_reference(model, manifest: dict, *, steps: int = 64, prompt_len: int =
             with stage(f"noise twin {j + 1}/{tol.noise_twins}: prefill + {steps} steps") as st, torch.no_grad():
                 cap = {}
                 with _hooks(m, 1000 + j, cap):
-                    lj, sj = m(ids)
-                tr.prefill_logits, tr.prefill_state, tr.prefill_layers = lj.numpy(), _np(sj), dict(cap)
+                    lj, sj = m(ids.to(dev))
+                tr.prefill_logits, tr.prefill_state, tr.prefill_layers = _host(lj), _np(sj), dict(cap)
                 for k, s_in in enumerate(ref.inputs):
                     st.update(f"step {k + 1}/{steps}")
                     cap = {}
                     with _hooks(m, 2000 + 97 * j + k, cap):
-                        lk, sk = m(torch.from_numpy(ref.tokens[k]), {n: torch.from_numpy(v) for n, v in s_in.items()})
-                    tr.step_logits.append(lk.numpy())
+                        lk, sk = m(on_dev(ref.tokens[k]), {n: on_dev(v) for n, v in s_in.items()})
+                    tr.step_logits.append(_host(lk))
                     tr.step_states.append(_np(sk))
                     tr.step_layers.append(dict(cap) if per_layer else {})
             ref.noise.append(tr)
