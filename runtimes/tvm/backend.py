@@ -1,7 +1,7 @@
 """Relax module -> compiled library -> Relax VM, with the weights fed at run time from the artifact.
 
-Pipeline (``build``): legalize (Relax ops -> TIR) -> fuse -> schedule (CUDA: dlight's default GPU rules;
-llvm: none, TVM's CPU codegen runs the TIR as written) -> lower to the VM -> ``tvm.compile``. Weights are
+Pipeline (``build``): legalize (Relax ops -> TIR) -> fuse -> schedule (schedules.py: the dsv4 kernels' own
+schedules; CUDA: dlight's GPU rules for the standard ops; llvm: TVM's CPU codegen runs their TIR as written) -> lower to the VM -> ``tvm.compile``. Weights are
 function parameters (frontend.py turned every external-data initializer into an input), so nothing is folded
 into the library and one library serves any checkpoint of the same shape. ``Weights`` maps the artifact's
 shared external-data file once and hands the same device tensors to the prefill and decode graphs.
@@ -17,6 +17,9 @@ import tvm
 from tvm import relax
 
 from .frontend import Param
+from .schedules import census_pass, gpu_schedule, is_cuda, schedule_kernels
+
+__all__ = ["build", "is_cuda", "make_target", "passes", "schedule_kernels"]
 
 TARGETS = ("tvm-llvm", "tvm-cuda")
 DEFAULT_ARCH = "sm_90"
@@ -31,143 +34,17 @@ def make_target(name: str, arch: str = DEFAULT_ARCH) -> tvm.target.Target:
     raise ValueError(f"--target: {name!r} is not a TVM target; choose from {', '.join(TARGETS)}")
 
 
-def is_cuda(target: tvm.target.Target) -> bool:
-    return target.kind.name == "cuda"
-
-
-# ---- schedules of the dsv4 kernels (lowerings.emit_kernel's hints) -----------------------------------------------
-GPU_THREADS = 64
-
-
-def _row_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
-    """Fuse the first `rows` axes of the last stage into one row loop and compute every producer under it, so a
-    row's intermediates stay local. CPU: the row loop runs in parallel. GPU, per="thread": one thread per row,
-    intermediates in registers; per="block": one thread block per row, each stage's first inner spatial axis
-    (else its reduction, as a cross-thread reduction) spread over the threads, intermediates in shared memory."""
-    from tvm import s_tir
-
-    rows, per = int(func.attrs["dsv4.rows"]), str(func.attrs["dsv4.per"])
-    sch = s_tir.Schedule(func)
-    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-
-    def row_loop(blk):
-        loops = sch.get_loops(blk)
-        return sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
-
-    loop = row_loop(blocks[-1])
-    inner = [blocks[-1]]
-    for blk in reversed(blocks[:-1]):
-        if sch.get_consumers(blk):
-            sch.compute_at(blk, loop)
-            inner.insert(0, blk)
-    heads = [loop] + [row_loop(b) for b in blocks[:-1] if b not in inner]
-    gpu = is_cuda(target)
-    for head in heads:
-        if not gpu:
-            sch.parallel(head)
-        elif per == "thread":
-            bx, tx = sch.split(head, [None, GPU_THREADS])
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
-        else:
-            sch.bind(head, "blockIdx.x")
-    if gpu:
-        for blk in inner[:-1]:
-            sch.set_scope(blk, 0, "local" if per == "thread" else "shared")
-        if per == "block":
-            # TE order: a stage's own spatial axes, then its reduction; the first one is spread over the threads.
-            spread = [(blk, sch.get_loops(blk)[1]) for blk in inner if len(sch.get_loops(blk)) > 1]
-            n = _threads([sch.get(loop).extent for _, loop in spread])
-            for _, loop in spread:
-                _, tx = sch.split(loop, [None, n])
-                sch.bind(tx, "threadIdx.x")
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
-
-
-def _threads(extents) -> int:
-    """Threads per block: the largest power of two <= GPU_THREADS dividing every (static) extent, so that no
-    stage needs a bounds guard (TVM cannot place the barriers between stages inside one)."""
-    n = GPU_THREADS
-    for e in extents:
-        if not isinstance(e, tvm.tirx.IntImm):
-            return 1
-        while int(e.value) % n:
-            n //= 2
-    return n
-
-
-def schedule_kernels(target: tvm.target.Target):
-    """Module pass: give every dsv4 kernel that carries row hints its row schedule (before dlight, which then
-    skips it as already scheduled)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="dsv4_schedule_kernels")
-    def run(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "dsv4.rows" in func.attrs \
-                    and not func.attrs.get("tir.is_scheduled", False) \
-                    and not (is_cuda(target) and func.attrs["dsv4.per"] == "cpu"):
-                mod[gv] = _row_schedule(func, target)
-        return mod
-
-    return run
-
-
-def _spatial_schedule(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """GPU schedule of a function of spatial blocks without splitting symbolic loops: each block's innermost loop
-    (static) over threads, the others fused over thread blocks. dlight's Fallback splits the fused loop, which
-    TVM 0.27 cannot prove for extents like ``batch * (length + 384) * 128`` (the KV concatenations of prefill)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    for blk in sch.get_child_blocks(sch.get_sblock("root")):
-        if any(int(v.iter_type) != 0 for v in sch.get(blk).iter_vars):
-            raise ValueError(f"{func}: block {sch.get(blk).name_hint} is not spatial")
-        *outer, last = sch.get_loops(blk)
-        extent = sch.get(last).extent
-        if not isinstance(extent, tvm.tirx.IntImm):
-            raise ValueError("innermost loop is symbolic")
-        if int(extent.value) > 1024:
-            last, inner = sch.split(last, [None, GPU_THREADS])
-            outer.append(last)
-            last = inner
-        sch.bind(last, "threadIdx.x")
-        sch.bind(sch.fuse(*outer) if len(outer) > 1 else outer[0], "blockIdx.x") if outer else None
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
-
-
-def gpu_schedule(dlight_pass):
-    """dlight's default GPU schedules, function by function; where dlight fails on symbolic shapes, the spatial
-    schedule above (and if that does not apply either, dlight's error, naming the function)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="dsv4_gpu_schedule")
-    def run(mod, _ctx):
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and
-                                                          func.attrs.get("tir.is_scheduled", False)):
-                continue
-            try:
-                mod[gv] = dlight_pass(tvm.IRModule({gv: func}))[gv]
-            except Exception as err:  # noqa: BLE001 - TVM raises InternalError subclasses of many kinds
-                try:
-                    mod[gv] = _spatial_schedule(func)
-                except Exception:  # noqa: BLE001
-                    raise RuntimeError(f"no GPU schedule for {gv.name_hint}: {err}") from err
-        return mod
-
-    return run
-
-
-def passes(target: tvm.target.Target) -> list:
-    """The Relax pipeline, step by step (mirrors TVM's per-backend default pipelines, scheduling explicit)."""
-    from tvm.s_tir import dlight as dl
-
+def passes(target: tvm.target.Target, census: dict | None = None) -> list:
+    """The Relax pipeline, step by step (mirrors TVM's per-backend default pipelines, scheduling explicit:
+    schedules.py). `census`, when given, receives {PrimFunc name: schedule name} once everything is scheduled."""
     T = relax.transform
     steps = [T.DeadCodeElimination(), relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
              T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR(),
              schedule_kernels(target)]
     if is_cuda(target):
-        steps.append(gpu_schedule(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())))
+        steps.append(gpu_schedule(target))
+    if census is not None:
+        steps.append(census_pass(census))
     steps += [T.RewriteDataflowReshape(), T.ToNonDataflow(), T.RemovePurityChecking(), T.CallTIRRewrite(),
               T.StaticPlanBlockMemory()]
     if is_cuda(target):
@@ -177,13 +54,14 @@ def passes(target: tvm.target.Target) -> list:
     return steps
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target):
-    """Compile a Relax module (from frontend.import_model) for `target`; returns a relax Executable."""
+def build(mod: tvm.IRModule, target: tvm.target.Target, census: dict | None = None):
+    """Compile a Relax module (from frontend.import_model) for `target`; returns a relax Executable. `census`:
+    see passes."""
 
     @tvm.transform.module_pass(opt_level=0, name="dsv4_pipeline")
     def pipeline(m, _ctx):
         with target:
-            return tvm.transform.Sequential(passes(target))(m)
+            return tvm.transform.Sequential(passes(target, census))(m)
 
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 

@@ -9,6 +9,8 @@ arithmetic, and rounding onto the FP8 grid (models/quant.py is the reference of 
 
 from __future__ import annotations
 
+import struct
+
 from tvm import tirx
 
 F32 = "float32"
@@ -30,7 +32,12 @@ def up(v: tirx.PrimExpr, acc: str = F32) -> tirx.PrimExpr:
 
 
 def f32_bits(v: int | tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.reinterpret(F32, tirx.const(v, "int32") if isinstance(v, int) else v)
+    """The fp32 with IEEE bits `v`. A constant becomes a float literal (TVM's CUDA codegen prints it exactly, as a
+    hex float or CUDART_NAN_F / CUDART_INF_F): a reinterpret of a constant is printed as
+    ``*(float *)(&(2143289344))``, which nvcc rejects (the address of a literal)."""
+    if isinstance(v, int):
+        return tirx.const(struct.unpack("<f", struct.pack("<I", v & 0xFFFFFFFF))[0], F32)
+    return tirx.reinterpret(F32, v)
 
 
 def e8m0(code: tirx.PrimExpr) -> tirx.PrimExpr:

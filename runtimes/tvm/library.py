@@ -5,7 +5,8 @@ Layout of a compiled directory (written into a temporary sibling and renamed int
     manifest.json        format "dsv4-tvm" v1: target, arch, the source artifact (path + sha256 of its
                          manifest.json), per graph: library, inputs, outputs, params (name, dtype, shape, location,
                          offset, length in the artifact's weights file), lowered / inlined dsv4 ops, kernel names,
-                         seconds; tool versions
+                         seconds, the schedule census ("schedules": {schedule: count}, "schedule_of":
+                         {PrimFunc: schedule}, schedules.py); tool versions
     prefill.so decode.so the Relax VM executables (export_library; for tvm-cuda the CUDA source is embedded and
                          compiled for the device when the library is loaded)
     prefill.cu decode.cu tvm-cuda only: the CUDA C source of every kernel
@@ -28,7 +29,7 @@ import tvm
 from dsv4.export.artifact import MANIFEST, load_manifest, sha256, stage_printer, versions, writing
 from dsv4.export.signature import GRAPHS
 
-from . import backend, frontend
+from . import backend, frontend, schedules
 from .frontend import Param
 
 FORMAT, FORMAT_VERSION = "dsv4-tvm", 1
@@ -39,24 +40,39 @@ class CompiledError(ValueError):
     """A compiled directory is incomplete or does not belong to the artifact / target it is used with."""
 
 
-def check_artifact(man: dict, art: Path) -> None:
-    """Artifacts exported for ONNX Runtime targets may hold com.microsoft contrib ops TVM cannot import."""
+def export_command(man: dict, target: str) -> str:
+    """The ``dsv4 export`` command line that re-exports the artifact described by `man` for `target`."""
+    src, cfg = man.get("source", {}), man.get("config", {})
+    if src.get("kind") == "synthetic":
+        source = f"--preset {src['preset']} --seed {src.get('seed', 0)}"
+    else:
+        source = str(src.get("path", "CHECKPOINT"))
+    flags = [f"--weights {man['weights']}"] if man.get("weights") else []
+    flags += ["--no-quant-sim"] if cfg.get("quant_sim") is False else []
+    flags += [f"--max-seq-len {cfg['max_seq_len']}"] if cfg.get("max_seq_len") else []
+    return f"dsv4 export {source} --target {target} {' '.join(flags)} --out OUT".replace("  ", " ")
+
+
+def check_artifact(man: dict, art: Path, target: str = "tvm-llvm") -> None:
+    """Artifacts exported for ONNX Runtime targets with their pass pipeline hold com.microsoft contrib ops
+    (MoE / QMoE, ...) TVM cannot import: refused in one line naming the export to run instead."""
     from dsv4.export.targets import get_target
 
     tgt = get_target(man["target"])
     if tgt.runtime != "tvm" and any(man["graphs"][g].get("pass_counts") for g in GRAPHS):
-        raise CompiledError(f"{art}: exported for {tgt.name} with its pass pipeline (ONNX Runtime contrib ops); "
-                            "export it with --target tvm-llvm or tvm-cuda for TVM")
+        raise CompiledError(f"{art}: exported for {tgt.name} (ONNX Runtime contrib ops, which TVM cannot import); "
+                            f"re-export for TVM: {export_command(man, target)}")
 
 
 def compile_graph(art: Path, graph: str, target: tvm.target.Target):
-    """(executable, Prepared, seconds) of one graph of the artifact `art`."""
+    """(executable, Prepared, seconds, census {PrimFunc: schedule}) of one graph of the artifact `art`."""
     t = time.perf_counter()
     mod, prep = frontend.import_model(art / f"{graph}.onnx")
     t_import = time.perf_counter() - t
     t = time.perf_counter()
-    ex = backend.build(mod, target)
-    return ex, prep, {"import": round(t_import, 2), "build": round(time.perf_counter() - t, 2)}
+    census: dict[str, str] = {}
+    ex = backend.build(mod, target, census)
+    return ex, prep, {"import": round(t_import, 2), "build": round(time.perf_counter() - t, 2)}, census
 
 
 def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm", arch: str = backend.DEFAULT_ARCH,
@@ -69,19 +85,20 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
     if bad or not graphs:
         raise ValueError(f"--graphs: {bad or 'none'}; choose from {', '.join(GRAPHS)}")
     man = load_manifest(art, verify=verify)
-    check_artifact(man, art)
+    check_artifact(man, art, target)
     tgt = backend.make_target(target, arch)
     cuda = backend.is_cuda(tgt)
     done: dict[str, dict] = {}
     with writing(out, overwrite) as tmp, stage_printer(progress) as stage:
         for g in graphs:
             with stage(f"import + build {g} ({target})"):
-                ex, prep, secs = compile_graph(art, g, tgt)
+                ex, prep, secs, census = compile_graph(art, g, tgt)
             with stage(f"save {g}"):
                 ex.export_library(str(tmp / f"{g}.so"))
                 info = {"library": f"{g}.so", "inputs": prep.inputs, "outputs": prep.outputs,
                         "params": [asdict(p) for p in prep.params], "lowered": prep.lowered,
-                        "inlined": prep.inlined, "seconds": secs}
+                        "inlined": prep.inlined, "seconds": secs,
+                        "schedules": schedules.census_counts(census), "schedule_of": dict(sorted(census.items()))}
                 if cuda:
                     src = backend.cuda_source(ex)
                     (tmp / f"{g}.cu").write_text(src)

@@ -83,7 +83,8 @@ def emit_kernel(bb: relax.BlockBuilder, te_fn, *args, name: str, rows: int | Non
     """Emit ``te_fn(*args)`` as the PrimFunc `name`, with schedule hints for backend.schedule_kernels: the first
     `rows` axes of every stage index independent rows; per="thread" gives each row one GPU thread (small
     rows), per="block" one thread block whose threads share the row's stages (long rows), per="cpu" only
-    parallelises the rows on CPUs and leaves GPUs to dlight (GEMV / elementwise kernels)."""
+    parallelises the rows on CPUs (GPUs: the spatial schedule), per="linear" too (GPUs: schedules.py's
+    dsv4-linear, a split-K warp reduction for dequant-matmuls)."""
     call = bb.call_te(te_fn, *args, primfunc_name_hint=name)
     gvar = call.args[0]
     attrs = {"op_pattern": OPAQUE}
@@ -253,7 +254,7 @@ def _cast(y, dtype: str):
 def _linear(bb, inputs, te_fn, name: str) -> relax.Expr:
     x, w, s = inputs[:3]
     flat, lead = _lead_flat(bb, x)
-    y = emit_kernel(bb, te_fn, flat, w, s, acc_dtype(x), name=name, rows=2, per="cpu")
+    y = emit_kernel(bb, te_fn, flat, w, s, acc_dtype(x), name=name, rows=2, per="linear")
     return bb.normalize(relax.op.reshape(y, [*lead, shape_of(w)[0]]))
 
 
