@@ -34,7 +34,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ort", 23, ("CPUExecutionProvider",), WEIGHT_MODES, True,
            "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)"),
     Target("ort-cuda", "ort", 23, ("CUDAExecutionProvider", "CPUExecutionProvider"), WEIGHT_MODES, True,
-           "ONNX Runtime CUDA EP (onnxruntime-gpu); bodies until contrib-op mappings land"),
+           "ONNX Runtime CUDA EP (onnxruntime-gpu, extra 'cuda'); MoE -> com.microsoft.MoE, packed weights -> "
+           "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined"),
     Target("tvm-llvm", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, llvm"),
     Target("tvm-cuda", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, CUDA code generation"),
 )}

@@ -1,0 +1,50 @@
+"""The ort-cuda pipeline (passes/pipeline.py, LowerOrtPass(qmoe=False)): what it lowers, proven on the CPU EP where
+the kernels exist there too (com.microsoft.MoE, DequantizeLinear); the CUDA kernels themselves need the GPU check."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+from test_fuse_moe import assert_close, eager, feeds, ops, routing_model, run_ort
+
+from dsv4.export.signature import GRAPHS
+from dsv4.passes.pipeline import PIPELINES, run
+from dsv4.runtimes.parity import run_parity
+
+
+def test_the_pipeline_lowers_with_the_cuda_table_in_mind():
+    names = [n for n, _ in PIPELINES["ort-cuda"]]
+    assert names == ["cleanup", "fuse_moe", "lower_cuda", "select_ops", "cleanup.2"]
+    assert PIPELINES["ort-cuda"][2][1].qmoe is False  # the table's QMoE has no float32 activations
+
+
+@pytest.mark.parametrize("selection", ["learned", "hash"])
+@pytest.mark.parametrize("form", ["float", "mxfp4", "fp8"])
+def test_cuda_lowering_is_exact(form, selection):
+    """dsv4.MoE -> com.microsoft.MoE for every expert form (MXFP4 stacks through DequantizeLinear over the lossless
+    int8 re-encoding instead of QMoE, FP8 stacks through DequantizeLinear too), equal to the eager reference and to the function body on the CPU EP."""
+    model, w = routing_model(form=form, selection=selection)
+    inputs = feeds()
+    raw = run_ort(model, inputs)
+    counts = run(model, "ort-cuda")
+    assert counts["fuse_moe"]["MoE"] == 1 and counts["lower_cuda"]["lowered"] == 1
+    o = ops(model)
+    assert o.get("com.microsoft.MoE") == 1 and "com.microsoft.QMoE" not in o and not any(k.startswith("dsv4.") for k in o)
+    assert (form != "float") == ("DequantizeLinear" in o)  # packed stacks: ORT's DequantizeLinear, per call
+    got = run_ort(model, inputs)
+    assert_close(got, eager(w, form, selection, inputs), "MoE (ort-cuda) vs eager")
+    assert_close(got, raw, "MoE (ort-cuda) vs the raw graph")
+
+
+def test_tiny_float32_cuda_graph_matches_eager_on_the_cpu_ep(tiny_artifact_f32_cuda, tiny_eager_f32):
+    """The ort-cuda tiny graph (float32, quant_sim off: com.microsoft.MoE per layer) run by the CPU EP: 300-token
+    prefill + 64 greedy steps within 1e-4 of eager, identical tokens (the strict fp32 acceptance of docs/parity.md)."""
+    for g in GRAPHS:
+        o = ops(ir.load(tiny_artifact_f32_cuda / f"{g}.onnx"))
+        assert o.get("com.microsoft.MoE") == 4 and "com.microsoft.QMoE" not in o
+    rep = run_parity(tiny_artifact_f32_cuda, model=tiny_eager_f32, steps=64, prompt_len=300,
+                     providers=["CPUExecutionProvider"])
+    assert tuple(rep.tolerance_key) == ("float32", False)
+    for r in rep.rows:
+        assert r.max_abs <= 1e-4, f"{r.name}: {r.max_abs:.3g}"
+    assert rep.greedy_agree == rep.greedy_steps == 64 and rep.ok
