@@ -93,9 +93,29 @@ def ptx(source: str, arch: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="dsv4-ptx-") as tmp:
         cu = Path(tmp) / "kernels.cu"
         cu.write_text(source)
-        subprocess.run([nvcc, "-ptx", f"-arch={arch}", "-O3", "-o", str(out), str(cu)], check=True,
-                       capture_output=True, text=True)
+        done = subprocess.run([nvcc, "-ptx", f"-arch={arch}", "-O3", "-o", str(out), str(cu)], capture_output=True,
+                              text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvcc -ptx -arch={arch} rejected the CUDA source:\n{_errors(done.stderr)}")
     return out
+
+
+def ptxas(path: Path, arch: str) -> None:
+    """Assemble a PTX file for `arch` (``ptxas -arch=sm_90 -o /dev/null``): what the driver does at load time."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("ptxas")
+    if exe is None:
+        raise FileNotFoundError("ptxas not found on PATH")
+    done = subprocess.run([exe, f"-arch={arch}", str(path), "-o", "/dev/null"], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"ptxas -arch={arch} rejected {path.name}:\n{_errors(done.stderr)}")
+
+
+def _errors(stderr: str, most: int = 20) -> str:
+    lines = [ln for ln in stderr.splitlines() if "error" in ln.lower()] or stderr.splitlines()
+    return "\n".join(lines[:most]) + (f"\n... {len(lines) - most} more" if len(lines) > most else "")
 
 
 def device_of(target_name: str, index: int = 0):

@@ -10,7 +10,8 @@ Layout of a compiled directory (written into a temporary sibling and renamed int
     prefill.so decode.so the Relax VM executables (export_library; for tvm-cuda the CUDA source is embedded and
                          compiled for the device when the library is loaded)
     prefill.cu decode.cu tvm-cuda only: the CUDA C source of every kernel
-    prefill.ptx ...      tvm-cuda only, where nvcc is on the PATH: ``nvcc -ptx -arch=<arch>`` of that source
+    prefill.ptx ...      tvm-cuda only, where nvcc is on the PATH: ``nvcc -ptx -arch=<arch>`` of that source,
+                         assembled by ``ptxas -arch=<arch>`` where ptxas is (manifest: "ptxas": "ok")
 
 The weights are not copied: a compiled directory runs against its artifact (checked by the manifest hash).
 """
@@ -110,6 +111,12 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
                     backend.ptx(src, arch, tmp / f"{g}.ptx")
                     info["ptx"] = f"{g}.ptx"
                     secs["ptx"] = round(time.perf_counter() - t, 2)
+                if shutil.which("ptxas"):
+                    with stage(f"ptxas -arch={arch} {g}"):
+                        t = time.perf_counter()
+                        backend.ptxas(tmp / f"{g}.ptx", arch)
+                        info["ptxas"] = "ok"
+                        secs["ptxas"] = round(time.perf_counter() - t, 2)
             done[g] = info
         cm = {"format": FORMAT, "format_version": FORMAT_VERSION, "target": target,
               "arch": arch if cuda else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

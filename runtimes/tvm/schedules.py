@@ -4,7 +4,9 @@
 * ``dsv4-linear``: Fp8Linear / Mxfp4Linear on GPUs, the dequant inside a split-K reduction over a warp;
 * dlight's rules (``Matmul``, ``GEMV``, ``Reduction``, ``GeneralReduction``, ``Fallback``) for the standard ops;
 * ``spatial``: a split-free schedule of spatial functions (dsv4 dequant / rounding kernels, and where dlight
-  fails on symbolic extents).
+  fails on symbolic extents);
+* ``tvm-dispatch``: kernels TVM schedules itself (sort / top-k / cumsum of DispatchSortScan); ``none``: not
+  scheduled (llvm).
 
 Every scheduled PrimFunc carries its schedule's name in the attribute ``dsv4.schedule``; ``census`` reads them.
 """
@@ -19,6 +21,7 @@ SCHEDULED = "tirx.is_scheduled"  # TVM 0.27's key (dlight and MetaSchedule skip 
 SCHEDULE = "dsv4.schedule"
 ROW, LINEAR, SPATIAL, FALLBACK = "dsv4-row", "dsv4-linear", "spatial", "Fallback"
 UNSCHEDULED = "none"  # llvm: TVM's CPU codegen runs the TIR as written
+DISPATCHED = "tvm-dispatch"  # TVM's own scheduled kernels (DispatchSortScan: topk, cumsum)
 KERNEL_PREFIX = "dsv4_"
 GPU_THREADS = 64
 LINEAR_TX, LINEAR_TY = 32, 8  # dsv4-linear: one warp per output element's reduction, up to 8 outputs per block
@@ -247,7 +250,7 @@ def census_pass(into: dict):
     def run(mod, _ctx):
         for gv, func in mod.functions_items():
             if isinstance(func, tvm.tirx.PrimFunc):
-                into[gv.name_hint] = str(_hint(func, SCHEDULE, UNSCHEDULED))
+                into[gv.name_hint] = str(_hint(func, SCHEDULE, DISPATCHED if _scheduled(func) else UNSCHEDULED))
         return mod
 
     return run

@@ -1,0 +1,117 @@
+"""tvm-cuda for the export configurations, without a GPU: CUDA source -> nvcc PTX -> ptxas, and the schedule census.
+
+`dsv4 compile --target tvm-cuda` runs ``nvcc -ptx -arch=<arch>`` on each graph's CUDA source and ``ptxas
+-arch=<arch> <graph>.ptx -o /dev/null`` on the result (it raises on any error; the manifest then says "ptxas":
+"ok"), so a passing compile means every kernel of the graph assembles for that architecture. Batch and length
+stay symbolic. Costs on 2 shared cores: the decode compile (fast tier) ~2-5 min; the slow tests compile both
+graphs of the default artifact and export + compile a float16 artifact (~10-15 min together).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import fuse_artifact
+
+from dsv4.tools.cli import main
+
+pytestmark = pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("ptxas")),
+                                reason="needs nvcc and ptxas on the PATH (CUDA toolkit) for PTX checks")
+
+
+def _as_tvm_cuda(src, dst):
+    """A raw artifact through the tvm-cuda pipeline, its manifest saying tvm-cuda: what ``dsv4 export --target
+    tvm-cuda`` writes (raw graphs do not depend on the target; the pipeline and the manifest's target do)."""
+    from dsv4.export import artifact
+
+    fuse_artifact(src, dst, "tvm-cuda")
+    man = artifact.load_manifest(dst, verify=False)
+    man["target"] = "tvm-cuda"
+    artifact.write_manifest(dst, man)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_tvm_cuda(tiny_artifact, tmp_path_factory):
+    """The default tiny export for tvm-cuda: packed FP8/MXFP4 weights, quant_sim on, fp32 activations."""
+    return _as_tvm_cuda(tiny_artifact, tmp_path_factory.mktemp("tvm_cuda") / "packed")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_tvm_cuda_f16(tiny_checkpoint, tmp_path_factory):
+    """tiny exported with --weights float16 (fp16 activations), quant_sim on, through the tvm-cuda pipeline."""
+    from dsv4.export.export import export_artifact
+
+    raw = export_artifact(tmp_path_factory.mktemp("art") / "tiny_f16", checkpoint=tiny_checkpoint, max_seq_len=1024,
+                          weights="float16", progress=False).path
+    return _as_tvm_cuda(raw, tmp_path_factory.mktemp("tvm_cuda") / "f16")
+
+
+def compile_cuda(art, out, arch: str, graphs: str) -> dict:
+    assert main(["compile", str(art), "--target", "tvm-cuda", "--arch", arch, "--graphs", graphs, "--out", str(out),
+                 "--no-progress"]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def check_graph(out, cm: dict, graph: str, arch: str) -> None:
+    """PTX for `arch` that ptxas accepted; every dsv4 kernel on a dsv4 schedule, none on dlight's Fallback."""
+    info = cm["graphs"][graph]
+    ptx = (out / info["ptx"]).read_text()
+    assert f".target {arch}" in ptx
+    assert info["ptxas"] == "ok"  # compile ran ptxas -arch=<arch> on it and raises on any error
+    census = info["schedule_of"]
+    assert sum(info["schedules"].values()) == len(census)
+    kernels = {k: s for k, s in census.items() if k.startswith("dsv4_")}
+    assert kernels and not [k for k, s in kernels.items() if s == "Fallback"], kernels
+    assert {s for k, s in kernels.items() if "linear" in k} == {"dsv4-linear"}
+    assert {"dsv4-row", "dsv4-linear", "Matmul"} <= set(info["schedules"])
+
+
+def test_default_export_decode_sm90(tiny_artifact_tvm_cuda, tmp_path, capsys):
+    """The default export (packed, quant_sim on, symbolic batch): the decode graph to sm_90 PTX; census printed."""
+    out = tmp_path / "cuda"
+    cm = compile_cuda(tiny_artifact_tvm_cuda, out, "sm_90", "decode")
+    check_graph(out, cm, "decode", "sm_90")
+    text = capsys.readouterr().out  # not a terminal: plain lines, one function per line
+    assert "schedule census" in text and "function=dsv4_fp8_linear  schedule=dsv4-linear" in text
+
+
+def test_ort_artifact_is_refused_in_one_line(tiny_artifact_default, tmp_path, capsys):
+    """An ort-cpu export (com.microsoft MoE/QMoE) is refused with one line naming the export to run."""
+    assert main(["compile", str(tiny_artifact_default), "--target", "tvm-cuda", "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "ort-cpu" in err and "dsv4 export " in err and "--target tvm-cuda --weights packed" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_census_printing_never_wraps_names(capsys):
+    from dsv4.tools.cmd_compile import print_compiled
+
+    long = "fused_matmul1_maximum11_tir_abs3_tir_negative1_tir_exp_add14_tir_log2_greater_add15_where9_tir_sqrt2"
+    info = {"library": "decode.so", "lowered": {}, "inlined": [], "params": [], "seconds": {"import": 1, "build": 2},
+            "schedules": {"Matmul": 1, "Fallback": 1}, "schedule_of": {long: "Matmul", "add": "Fallback"}}
+    print_compiled({"target": "tvm-cuda", "arch": "sm_90", "graphs": {"decode": info}}, "ART", "OUT", terminal=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  graph=decode  function={long}  schedule=Matmul" in lines
+    assert "  schedule=Fallback  decode=1" in lines and not any("function=add" in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_default_export_both_graphs_sm90(tiny_artifact_tvm_cuda, tmp_path):
+    out = tmp_path / "cuda"
+    cm = compile_cuda(tiny_artifact_tvm_cuda, out, "sm_90", "prefill,decode")
+    for g in ("prefill", "decode"):
+        check_graph(out, cm, g, "sm_90")
+
+
+@pytest.mark.slow
+def test_float16_export_both_graphs_sm80(tiny_artifact_tvm_cuda_f16, tmp_path):
+    """fp16 activations (the linears cast their fp32 sums back in the epilogue) for sm_80 (A100)."""
+    out = tmp_path / "cuda"
+    cm = compile_cuda(tiny_artifact_tvm_cuda_f16, out, "sm_80", "prefill,decode")
+    for g in ("prefill", "decode"):
+        check_graph(out, cm, g, "sm_80")
