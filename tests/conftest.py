@@ -162,3 +162,31 @@ def tiny_packed_reference(tiny_artifact, tiny_eager_packed):
 
     return eager_reference(tiny_eager_packed, load_manifest(tiny_artifact, verify=False), steps=64, prompt_len=300,
                            per_layer=True)
+
+
+# ---- ort-cuda (passes/lint.py, tests/test_lint.py, tests/test_lower_cuda.py): the CUDA pipeline on the raw exports ----
+def cuda_artifact(src, dst) -> dict:
+    """fuse_artifact with the ort-cuda pipeline, the manifest's target set to ort-cuda (what an ort-cuda export says)."""
+    from dsv4.export import artifact
+
+    counts = fuse_artifact(src, dst, "ort-cuda")
+    man = artifact.load_manifest(dst, verify=False)
+    man["target"] = "ort-cuda"
+    artifact.write_manifest(dst, man)
+    return counts
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_cuda(tiny_artifact, tmp_path_factory):
+    """tiny_artifact (packed FP8/MXFP4, quant_sim on) through the ort-cuda pipeline."""
+    dst = tmp_path_factory.mktemp("cuda") / "packed"
+    cuda_artifact(tiny_artifact, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_f32_cuda(tiny_artifact_f32, tmp_path_factory):
+    """tiny_artifact_f32 (float32 weights, quant_sim off) through the ort-cuda pipeline: com.microsoft.MoE."""
+    dst = tmp_path_factory.mktemp("cuda") / "f32"
+    cuda_artifact(tiny_artifact_f32, dst)
+    return dst
