@@ -14,6 +14,7 @@ from dsv4.export.functions import DOMAIN
 
 from .cleanup import Cleanup, nodes, weights_hidden
 from .fuse_moe import FuseMoEPass
+from .fuse_norm import FuseNormPass
 from .lower_ort import LowerOrtPass
 from .select_ops import SelectOps
 
@@ -31,8 +32,10 @@ PIPELINES: dict[str, Pipeline] = {
     "ort-cpu": _common("ort-cpu", (("lower_ort", LowerOrtPass()),)),
     # What the CUDA EP's kernel table (passes/rules/ort_cuda_kernels.tsv) covers exactly, docs/ort_cuda.md: float MoE
     # (MXFP4 experts through DequantizeLinear: the table's QMoE takes no float32 activations), NarrowMoE, FP8/MXFP4
-    # weights -> DequantizeLinear. `dsv4 lint` checks the result against the same table.
-    "ort-cuda": _common("ort-cuda", (("lower_cuda", LowerOrtPass("lower_cuda", qmoe=False)),)),
+    # weights -> DequantizeLinear, and weighted RMSNorms -> SimplifiedLayerNormalization (after the bodies are inlined).
+    # `dsv4 lint` checks the result against the same table.
+    "ort-cuda": (*_common("ort-cuda", (("lower_cuda", LowerOrtPass("lower_cuda", qmoe=False)),)),
+                 ("fuse_norm", FuseNormPass())),
     # TVM keeps the ops its lowerings.py implements (registry tvm faces) and inlines the others, MoE included.
     "tvm-llvm": _common("tvm-llvm"),
     "tvm-cuda": _common("tvm-cuda"),

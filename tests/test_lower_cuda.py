@@ -14,7 +14,7 @@ from dsv4.runtimes.parity import run_parity
 
 def test_the_pipeline_lowers_with_the_cuda_table_in_mind():
     names = [n for n, _ in PIPELINES["ort-cuda"]]
-    assert names == ["cleanup", "fuse_moe", "lower_cuda", "select_ops", "cleanup.2"]
+    assert names == ["cleanup", "fuse_moe", "lower_cuda", "select_ops", "cleanup.2", "fuse_norm"]
     assert PIPELINES["ort-cuda"][2][1].qmoe is False  # the table's QMoE has no float32 activations
 
 
@@ -42,6 +42,7 @@ def test_tiny_float32_cuda_graph_matches_eager_on_the_cpu_ep(tiny_artifact_f32_c
     for g in GRAPHS:
         o = ops(ir.load(tiny_artifact_f32_cuda / f"{g}.onnx"))
         assert o.get("com.microsoft.MoE") == 4 and "com.microsoft.QMoE" not in o
+        assert o.get("SimplifiedLayerNormalization") == 22  # every weighted RMSNorm of tiny (4 layers)
     rep = run_parity(tiny_artifact_f32_cuda, model=tiny_eager_f32, steps=64, prompt_len=300,
                      providers=["CPUExecutionProvider"])
     assert tuple(rep.tolerance_key) == ("float32", False)
