@@ -1,19 +1,14 @@
 """TVM beside eager PyTorch and ONNX Runtime in one run: compile time, prefill tokens/s, decode-step latency at
 batch 1, and parity with the eager model. Results go to docs/PERF.md (a marked section; others are kept).
 
-CPU (default; issue [5]: tvm-llvm beside eager and ORT-CPU for the `small` preset):
+Issue [5]: tvm-llvm beside eager and ORT-CPU for the `small` preset (the GPU benchmark is
+benchmarks/gpu_check.py, run by tools/gpu_check.sh):
 
     .venv/bin/python benchmarks/bench_tvm.py [--preset small] [--prefill 256 1024] [--decode-steps 32]
 
-GPU (what tools/gpu_check.sh runs on a CUDA machine; eager stays the CPU oracle for parity):
-
-    python benchmarks/bench_tvm.py --preset tiny --backends tvm-cuda ort-cuda --section gpu --out -
-
 Artifacts: one synthetic checkpoint (seed 0) and one export per runtime family, cached in --workdir: ORT runs
 an ort-cpu export with its pass pipeline (QMoE etc.); TVM runs a tvm-llvm export (lowered dsv4 ops kept as nodes,
-the fused MoE inlined to routing + the MoEExperts kernel). ORT-CUDA runs the TVM export (ORT inlines the bodies
-of the kept ops: the ort-cuda pipeline, which keeps no op, computes the same graph). Each side is timed alone,
-with the same thread count.
+the fused MoE inlined to routing + the MoEExperts kernel). Each side is timed alone, with the same thread count.
 """
 
 from __future__ import annotations
@@ -29,9 +24,8 @@ import numpy as np
 import torch
 from _common import add_common_args, machine, ratio, step_times, timed, update_section
 
-SECTIONS = {"cpu": ("bench_tvm", "## TVM (llvm) beside eager and ONNX Runtime CPU (issue [5])"),
-            "gpu": ("gpu_check", "## TVM (CUDA) and ONNX Runtime CUDA on a GPU (`tools/gpu_check.sh`, issue [5])")}
-BACKENDS = ("eager", "ort-cpu", "tvm-llvm", "tvm-cuda", "ort-cuda")
+SECTIONS = {"cpu": ("bench_tvm", "## TVM (llvm) beside eager and ONNX Runtime CPU (issue [5])")}
+BACKENDS = ("eager", "ort-cpu", "tvm-llvm")
 
 
 def artifacts(a, args, work: Path, backends) -> tuple[Path, dict[str, Path], dict[str, float]]:
@@ -44,7 +38,7 @@ def artifacts(a, args, work: Path, backends) -> tuple[Path, dict[str, Path], dic
     if not (ckpt / "config.json").is_file():
         write_synthetic(args, ckpt, seed=0, progress=False, overwrite=True)
     want = {"ort"} if "ort-cpu" in backends else set()
-    want |= {"tvm"} if {"tvm-llvm", "tvm-cuda", "ort-cuda"} & set(backends) else set()
+    want |= {"tvm"} if "tvm-llvm" in backends else set()
     arts, secs = {}, {}
     for fam in sorted(want):
         art = work / f"art-{fam}-{a.weights}-{'qs' if a.quant_sim else 'noqs'}"
@@ -64,10 +58,6 @@ def generator(backend: str, arts: dict[str, Path], work: Path, threads: int):
         from dsv4.runtimes.ort import Generator
 
         return Generator(arts["ort"], threads=threads, verify=False), None
-    if backend == "ort-cuda":
-        from dsv4.runtimes.ort import Generator
-
-        return Generator(arts["tvm"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"], verify=False), None
     from dsv4.runtimes.tvm import Generator, compile_artifact
 
     out = work / f"compiled-{backend}-{arts['tvm'].name}"
@@ -186,19 +176,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _gpu_name() -> str:
-    try:
-        import subprocess
-
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, check=True).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001 - no driver, no GPU
-        return "no GPU"
-
-
 def render(a, args, results: dict, threads: int, export_s: dict) -> str:
     tag, title = SECTIONS[a.section]
-    where = (f"{_gpu_name()}, " if a.section == "gpu" else "") + machine(threads)
+    where = machine(threads)
     cols = list(results)
     lines = [title, "",
              f"`benchmarks/bench_tvm.py --preset {a.preset}`: {args.n_layers} layers, dim {args.dim}, "

@@ -1,0 +1,431 @@
+"""The GPU check (issue [7]), driven by ``tools/gpu_check.sh``: tiny and a Flash-shaped slice, exported in the
+deployed configuration (packed FP8/MXFP4 weights, the quantisation simulation on, fp32) for ort-cuda and tvm-cuda,
+then on the GPU: parity against the eager model (on the GPU too when torch has CUDA), decode ms per step at batch 1
+and 8, prefill tokens/s at 1K and 8K, and decode against the HBM roofline (active bytes per step / measured device
+bandwidth). Prints (and with --out, writes) the markdown section ``gpu_check`` of docs/PERF.md.
+
+    python benchmarks/gpu_check.py [--dry-run] [--models tiny flash4] [--backends ort-cuda tvm-cuda] [--workdir W]
+
+Phases: plan (configs, active bytes) -> CPU (synthetic checkpoint, exports, lint, tvm-cuda compile to CUDA source
+and PTX; jobs in parallel processes) -> GPU (bandwidth, eager reference, per backend: parity and timings).
+``--dry-run`` runs everything before the first GPU call and renders the section with the GPU cells empty.
+Everything under --workdir is reused when its configuration matches (a changed flag rebuilds only what it
+changes).
+
+The Flash slice keeps every per-token dimension of the released Flash (dim 4096, 64 heads of 512, q/o ranks,
+window 128, index top-k 512, expert width 2048, 6 routed + 1 shared expert per token, vocab 129,280) and its first
+--flash-layers layers (4: window, window, CSA, HCA; hash routing in the first three, learned in the fourth), with
+--flash-experts routed experts per layer (default 64 of 256). Decode at batch 1 reads 6 experts per layer whatever
+the count, so the count changes the weights on disk and the export time, not the work per token: at 256 the
+checkpoint is 18.6 GiB and the two artifacts would not fit the check machine's disk next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import step_times, timed, update_section  # noqa: E402
+
+BACKENDS = ("ort-cuda", "tvm-cuda")
+MODELS = ("tiny", "flash4")
+TAG, TITLE = "gpu_check", "## ONNX Runtime CUDA and TVM CUDA on a GPU (`tools/gpu_check.sh`, issue [7])"
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    name: str
+    args: object  # ModelArgs
+    work: Path
+    export_s: dict = field(default_factory=dict)
+
+    @property
+    def ckpt(self) -> Path:
+        return self.work / "ckpt"
+
+    def art(self, backend: str) -> Path:
+        return self.work / backend
+
+    @property
+    def lib(self) -> Path:
+        return self.work / "tvm-cuda-lib"
+
+
+def model_args(name: str, a):
+    from dsv4.models.config import preset
+
+    need = max(max(a.prefill), a.decode_context, a.parity_prompt) + max(a.decode_steps, a.parity_steps)
+    if a.max_seq_len is not None and a.max_seq_len < need:
+        raise SystemExit(f"--max-seq-len {a.max_seq_len}: the timings and parity need {need} positions")
+    cap = a.max_seq_len or -(-need // 128) * 128
+    if name == "tiny":
+        return preset("tiny", max_seq_len=cap)
+    if name == "flash4":
+        return preset("flash", n_layers=a.flash_layers, n_routed_experts=a.flash_experts, max_seq_len=cap)
+    raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def active_bytes(args, batch: int, context: int) -> dict[str, float]:
+    """Bytes one decode step reads at `batch` sequences of `context` tokens, in the stored formats: every weight
+    except the embedding (one row per sequence) and the MTP block; of the routed experts, the expected number of
+    distinct ones the batch selects per layer under uniform routing (E·(1-(1-k/E)^batch)); the fp32 decode state up
+    to `context` (window ring, compressed KV and indexer keys)."""
+    import torch
+
+    from dsv4.models.checkpoint_write import official_entries
+    from dsv4.models.state import bytes_per_token
+
+    E, k = args.n_routed_experts, args.n_activated_experts
+    touched = E * (1 - (1 - k / E) ** batch)
+    weights = 0.0
+    for e in (e for g in official_entries(args) for e in g):
+        if e.name.startswith("mtp."):
+            continue
+        if e.name == "embed.weight":
+            weights += batch * e.nbytes / e.shape[0]
+        elif ".ffn.experts." in e.name:
+            weights += e.nbytes * touched / E
+        else:
+            weights += e.nbytes
+    per = bytes_per_token(args, torch.float32)  # per-token entries amortised over the capacity; the ring is fixed
+    state = batch * (per["fixed_per_sequence"] + context * per["total_per_token"])
+    return {"weights": weights, "state": state, "total": weights + state, "experts per layer": touched}
+
+
+# ---- CPU phase: checkpoint, exports, lint, compile ---------------------------------------------------------------
+def _matches(art: Path, target: str, args) -> bool:
+    try:
+        man = json.loads((art / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    cfg = man.get("config", {})
+    return (man.get("target") == target and man.get("weights") == "packed" and cfg.get("quant_sim") is True
+            and cfg.get("max_seq_len") == args.max_seq_len and cfg.get("dim") == args.dim
+            and cfg.get("n_layers") == args.n_layers and cfg.get("n_routed_experts") == args.n_routed_experts)
+
+
+def make_checkpoint(plan: Plan) -> float:
+    from dsv4.models.checkpoint_write import write_synthetic
+
+    want = plan.args.to_hf_config()
+    try:
+        if json.loads((plan.ckpt / "config.json").read_text()) == want:
+            return 0.0
+    except (OSError, ValueError):
+        pass
+    t = time.perf_counter()
+    write_synthetic(plan.args, plan.ckpt, seed=0, overwrite=True, progress=False)
+    return time.perf_counter() - t
+
+
+def export_job(ckpt: str, art: str, target: str, max_seq_len: int) -> float:
+    """One `dsv4 export CKPT --target T --max-seq-len N` (a worker process; the default configuration)."""
+    from dsv4.export.export import export_artifact
+    from dsv4.passes.pipeline import run
+
+    t = time.perf_counter()
+    export_artifact(art, checkpoint=ckpt, target=target, max_seq_len=max_seq_len, overwrite=True, progress=False,
+                    transform=lambda model, graph, tgt: run(model, tgt.name))
+    return time.perf_counter() - t
+
+
+def compile_job(art: str, lib: str, arch: str) -> float:
+    from dsv4.runtimes.tvm import compile_artifact
+
+    t = time.perf_counter()
+    compile_artifact(art, lib, target="tvm-cuda", arch=arch, overwrite=True, progress=False)
+    return time.perf_counter() - t
+
+
+def _lib_matches(plan: Plan, arch: str) -> bool:
+    from dsv4.export.artifact import sha256
+
+    try:
+        cm = json.loads((plan.lib / "manifest.json").read_text())
+        art = sha256(plan.art("tvm-cuda") / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return cm.get("arch") == arch and cm.get("artifact", {}).get("manifest_sha256") == art \
+        and set(cm.get("graphs", {})) == {"prefill", "decode"}
+
+
+def lint(plan: Plan, backend: str) -> list[str]:
+    """`dsv4 lint` of the artifact against its target's profile (passes/lint.py), when the target has one."""
+    from dsv4.passes.lint import PROFILES, lint_artifact
+
+    if backend not in PROFILES:
+        return []
+    return [v.line() for v in lint_artifact(plan.art(backend), target=backend).violations]
+
+
+def cpu_phase(plans: list[Plan], backends: list[str], arch: str, jobs: int) -> dict:
+    """Checkpoints, then every export and compile in parallel processes; returns {model: {what: seconds}}."""
+    import multiprocessing as mp
+
+    secs: dict[str, dict] = {p.name: {} for p in plans}
+    for p in plans:
+        log(f"{p.name}: synthetic checkpoint ({p.args.n_layers} layers, {p.args.n_routed_experts} experts)")
+        s = make_checkpoint(p)
+        if s:
+            secs[p.name]["checkpoint"] = s
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        exports = {}
+        for p in plans:
+            for b in backends:
+                if not _matches(p.art(b), b, p.args):
+                    log(f"{p.name}: export for {b}")
+                    exports[(p.name, b)] = pool.submit(export_job, str(p.ckpt), str(p.art(b)), b, p.args.max_seq_len)
+        for (name, b), f in exports.items():
+            secs[name][f"export {b}"] = f.result()
+            log(f"{name}: exported for {b} in {secs[name][f'export {b}']:.0f} s")
+        compiles = {}
+        for p in plans:
+            if "tvm-cuda" in backends and not _lib_matches(p, arch):
+                log(f"{p.name}: dsv4 compile --target tvm-cuda --arch {arch}")
+                compiles[p.name] = pool.submit(compile_job, str(p.art("tvm-cuda")), str(p.lib), arch)
+        for name, f in compiles.items():
+            secs[name]["compile tvm-cuda"] = f.result()
+            log(f"{name}: compiled for tvm-cuda in {secs[name]['compile tvm-cuda']:.0f} s")
+    for p in plans:  # the seconds each piece took when it was built (this run or an earlier one)
+        for b in backends:
+            man = json.loads((p.art(b) / "manifest.json").read_text())
+            secs[p.name][f"export {b}"] = man["export_seconds"]["total"]
+        if "tvm-cuda" in backends:
+            cm = json.loads((p.lib / "manifest.json").read_text())
+            secs[p.name]["compile tvm-cuda"] = sum(v for g in cm["graphs"].values() for v in g["seconds"].values())
+    for p in plans:
+        for b in backends:
+            problems = lint(p, b)
+            if problems:
+                raise SystemExit(f"{p.name}: the {b} artifact fails its lint:\n" + "\n".join(problems))
+        if "tvm-cuda" in backends:
+            cm = json.loads((p.lib / "manifest.json").read_text())
+            ptx = [g.get("ptx") for g in cm["graphs"].values()]
+            log(f"{p.name}: tvm-cuda library ready ({'PTX ' + ', '.join(map(str, ptx)) if all(ptx) else 'CUDA source'})")
+    return secs
+
+
+# ---- GPU phase ------------------------------------------------------------------------------------------------------
+def device_bandwidth(nbytes: int = 1 << 31, repeat: int = 10) -> float:
+    """Device memory bandwidth in bytes/s: a device-to-device copy of `nbytes` (read + write), median of `repeat`."""
+    import tvm
+
+    dev = tvm.cuda(0)
+    a = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+    b = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+    a.copyto(b)
+    dev.sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a.copyto(b)
+        dev.sync()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def eager_on_gpu(plan: Plan):
+    """The eager model of the artifacts (packed weights, the simulation on) on the GPU when torch has CUDA."""
+    import torch
+
+    from dsv4.models.checkpoint import load_model
+
+    model = load_model(plan.ckpt, keep_quantized=True, max_seq_len=plan.args.max_seq_len, progress=False).eval()
+    if torch.cuda.is_available():
+        return model.to("cuda"), f"eager on {torch.cuda.get_device_name(0)}"
+    return model, "eager on the CPU (this torch has no CUDA)"
+
+
+def generator(plan: Plan, backend: str):
+    if backend == "ort-cuda":
+        from dsv4.runtimes.ort import Generator
+
+        return Generator(plan.art(backend), providers=["CUDAExecutionProvider"], verify=False)
+    from dsv4.runtimes.tvm import Generator
+
+    return Generator(plan.art(backend), compiled=plan.lib, target="tvm-cuda", verify=False)
+
+
+def time_backend(gen, a, args, bw: float) -> dict:
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for n in a.prefill:
+        ids = rng.integers(0, args.vocab_size, (1, n), dtype=np.int64)
+        out[f"prefill {n} tokens (tokens/s)"] = n / timed(lambda ids=ids: gen.prefill(ids), a.repeat)
+    for b in a.batches:
+        gen.prefill(rng.integers(0, args.vocab_size, (b, a.decode_context), dtype=np.int64))
+        tok = np.ones((b, 1), dtype=np.int64)
+        ms = statistics.median(step_times(lambda tok=tok: gen.step(tok), a.decode_steps)[1:]) * 1e3
+        roof = active_bytes(args, b, a.decode_context)["total"] / bw * 1e3
+        out[f"decode step, batch {b} (ms)"] = ms
+        out[f"decode, batch {b} (tokens/s)"] = b / ms * 1e3
+        out[f"decode batch {b}: roofline ms / measured ms"] = roof / ms
+    return out
+
+
+def gpu_phase(plans: list[Plan], backends: list[str], a) -> tuple[dict, dict]:
+    import torch
+
+    from dsv4.export.artifact import load_manifest
+    from dsv4.runtimes.parity import eager_reference, run_parity
+
+    bw = device_bandwidth()
+    log(f"device bandwidth (device-to-device copy): {bw / 1e9:,.0f} GB/s")
+    results: dict[str, dict] = {}
+    notes = {"bandwidth GB/s": bw / 1e9}
+    for p in plans:
+        model, where = eager_on_gpu(p)
+        notes[f"{p.name} eager"] = where
+        log(f"{p.name}: eager reference ({a.parity_prompt}-token prompt + {a.parity_steps} steps, {where})")
+        man = load_manifest(p.art(backends[0]), verify=False)
+        ref = eager_reference(model, man, steps=a.parity_steps, prompt_len=a.parity_prompt)
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        for b in backends:
+            log(f"{p.name}: {b}")
+            gen = generator(p, b)
+            rep = run_parity(p.art(b), reference=ref, generator=gen, backend="ort" if b.startswith("ort") else "tvm",
+                             verify=False)
+            r = time_backend(gen, a, p.args, bw)
+            lg = next(x for x in rep.rows if x.name == "prefill.logits")
+            r |= {"parity vs eager": "pass" if rep.ok else "FAIL", "max |Δ| prefill logits": lg.max_abs,
+                  "greedy vs eager": f"{rep.greedy_agree}/{rep.greedy_steps}"}
+            results[f"{p.name} {b}"] = r
+            log(f"{p.name} {b}: " + json.dumps(r, default=float))
+            del gen
+    return results, notes
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def render(plans: list[Plan], backends: list[str], a, results: dict, notes: dict, secs: dict, gpu: str) -> str:
+    lines = [TITLE, "", f"{time.strftime('%Y-%m-%d')}, {gpu}. `tools/gpu_check.sh`: packed FP8/MXFP4 weights, the "
+             f"quantisation simulation on, fp32; tvm-cuda {a.arch}. " + ("**Dry run: nothing ran on a GPU.**"
+                                                                        if a.dry_run else
+                                                                        f"Device bandwidth {notes['bandwidth GB/s']:,.0f} GB/s "
+                                                                        "(device-to-device copy)."), ""]
+    for p in plans:
+        x = p.args
+        lines.append(f"- {p.name}: {x.n_layers} layers (compress ratios {list(x.compress_ratios[:x.n_layers])}), dim "
+                     f"{x.dim}, {x.n_routed_experts} routed experts (top-{x.n_activated_experts}), vocab {x.vocab_size}, "
+                     f"max_seq_len {x.max_seq_len}; " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.get(p.name, {}).items())
+                     + (f"; {notes[p.name + ' eager']}" if f"{p.name} eager" in notes else ""))
+    lines += ["", "Active bytes per decode step (stored formats, context "
+              f"{a.decode_context}):", "", "| model | batch | weights (MB) | state (MB) | experts read per layer |",
+              "|---|---:|---:|---:|---:|"]
+    for p in plans:
+        for b in a.batches:
+            ab = active_bytes(p.args, b, a.decode_context)
+            lines.append(f"| {p.name} | {b} | {ab['weights'] / 1e6:,.1f} | {ab['state'] / 1e6:,.1f} | "
+                         f"{ab['experts per layer']:.1f} |")
+    cols = [f"{p.name} {b}" for p in plans for b in backends]
+    rows = list(dict.fromkeys(k for c in cols for k in results.get(c, {})))
+    if rows:
+        lines += ["", "| measurement | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines += [f"| {r} | " + " | ".join(_fmt(results.get(c, {}).get(r)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "no GPU"
+
+
+def environment(backends: list[str], dry_run: bool) -> list[str]:
+    """What this environment lacks for the GPU phase (one problem per line); in a dry run these are reported, not
+    fatal, except what the CPU phase needs."""
+    import onnxruntime as ort
+    import torch
+    import tvm
+
+    log(f"python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.cuda.is_available()}), "
+        f"onnxruntime {ort.__version__} {ort.get_available_providers()}, tvm {tvm.__version__}, "
+        f"nvcc {shutil.which('nvcc') or 'absent'}")
+    missing = []
+    if "ort-cuda" in backends and "CUDAExecutionProvider" not in ort.get_available_providers():
+        missing.append("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu==1.32.0)")
+    if "tvm-cuda" in backends and not shutil.which("nvcc") and os.environ.get("TVM_CUDA_COMPILE_MODE") == "nvcc":
+        missing.append("TVM_CUDA_COMPILE_MODE=nvcc but no nvcc on the PATH")
+    return missing
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="stop before the first GPU call")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--workdir", default="out/gpu_check/work", help="checkpoints, artifacts and libraries (reused)")
+    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--max-seq-len", type=int, help="state capacity of the exports (default: what the runs need)")
+    p.add_argument("--flash-layers", type=int, default=4)
+    p.add_argument("--flash-experts", type=int, default=64)
+    p.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192], help="prefill lengths timed (batch 1)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes timed")
+    p.add_argument("--decode-context", type=int, default=1024, help="prompt length before the timed decode steps")
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--parity-prompt", type=int, default=300)
+    p.add_argument("--parity-steps", type=int, default=32)
+    p.add_argument("--jobs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)),
+                   help="export / compile processes in parallel")
+    p.add_argument("--json", help="also write the raw numbers here")
+    p.add_argument("--md", help="also write the markdown section here")
+    p.add_argument("--out", default="-", help="markdown file whose gpu_check section is replaced ('-': print only)")
+    a = p.parse_args(argv)
+
+    work = Path(a.workdir)
+    plans = [Plan(m, model_args(m, a), work / m) for m in a.models]
+    missing = environment(a.backends, a.dry_run)
+    for m in missing:
+        log(("dry run, would fail on the GPU: " if a.dry_run else "") + m)
+    if missing and not a.dry_run:
+        return 2
+    secs = cpu_phase(plans, a.backends, a.arch, a.jobs)
+    if a.dry_run:
+        log("dry run: stopping before the first GPU call (bandwidth, eager reference, runtime sessions)")
+        results, notes = {}, {}
+    else:
+        results, notes = gpu_phase(plans, a.backends, a)
+    md = render(plans, a.backends, a, results, notes, secs, gpu_name())
+    print(md)
+    if a.md:
+        Path(a.md).write_text(md)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": results, "notes": notes, "seconds": secs}, indent=2,
+                                           default=float))
+    if a.out != "-":
+        update_section(Path(a.out), md, TAG)
+        log(f"updated the {TAG} section of {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
