@@ -89,13 +89,13 @@ def _plant(art, dst, graph="decode"):
     """A copy of `art` with one node that ORT's CUDA EP has no kernel (and ONNX no function body) for, Hardmax, on a
     float activation, made a graph output so that nothing prunes it; the manifest's hashes follow."""
     shutil.copytree(art, dst)
+    man = artifact.load_manifest(dst, verify=False)
     path = dst / f"{graph}.onnx"
     model = onnx.load(path, load_external_data=False)
     x = next(o for n in model.graph.node if n.op_type == "MatMul" for o in n.output)
     model.graph.node.append(helper.make_node("Hardmax", [x], ["lint.planted"], name="planted_hardmax"))
     model.graph.output.append(helper.make_tensor_value_info("lint.planted", TensorProto.FLOAT, None))
     onnx.save(model, path)
-    man = artifact.load_manifest(dst, verify=False)
     man["files"][path.name] = {"bytes": path.stat().st_size, "sha256": artifact.sha256(path)}
     artifact.write_manifest(dst, man)
     return dst
@@ -132,3 +132,26 @@ def test_ort_cpu_lint_passes_on_the_default_artifact(tiny_artifact_default):
 def test_unknown_target_is_a_user_error(tiny_artifact):
     with pytest.raises(ValueError, match="no profile for target"):
         lint.lint_artifact(tiny_artifact, "tvm-llvm", verify=False)
+
+
+@pytest.mark.slow  # an export of small (several minutes on 2 cores) and the ort-cuda pipeline
+def test_ort_cuda_lint_passes_on_small(tmp_path):
+    """small as exported by default (packed FP8/MXFP4, quant_sim on) through the ort-cuda pipeline: every weighted
+    RMSNorm fused, every MoE narrowed, zero violations against the CUDA table."""
+    from conftest import cuda_artifact
+
+    from dsv4.export.export import export_artifact
+    from dsv4.models.checkpoint_write import write_synthetic
+    from dsv4.models.config import preset
+
+    args = preset("small")
+    ckpt = write_synthetic(args, tmp_path / "ckpt", seed=0, progress=False)
+    raw = export_artifact(tmp_path / "raw", checkpoint=ckpt, max_seq_len=1024, progress=False).path
+    counts = cuda_artifact(raw, tmp_path / "cuda")
+    for g in GRAPHS:
+        print(g, {k: counts[g][k] for k in ("lower_cuda", "fuse_norm", "nodes")})
+        assert counts[g]["lower_cuda"]["narrowed MoE"] == args.n_layers
+        assert counts[g]["fuse_norm"]["SimplifiedLayerNormalization"] == counts[g]["fuse_norm"]["expected"] > 0
+    rep = lint.lint_artifact(tmp_path / "cuda")
+    print(rep.nodes, rep.excepted)
+    assert not rep.violations, "\n".join(v.line() for v in rep.violations[:20])
