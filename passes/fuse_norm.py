@@ -11,6 +11,7 @@ Norms without a weight (the mHC / score normalisations) are not this op's form a
 from __future__ import annotations
 
 import numpy as np
+import onnx.defs
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
@@ -18,6 +19,24 @@ from onnxscript.rewriter._basics import MatchResult
 from . import _graph as g
 from .cleanup import Counted
 from .expect import shortfall, why_not
+
+
+def register_schema() -> None:
+    """ORT's schema of SimplifiedLayerNormalization (ai.onnx domain, since 1), so that onnx's checker and shape
+    inference in this process (the export's full check) know the op; ORT registers the same in its own build."""
+    if onnx.defs.has("SimplifiedLayerNormalization", ""):
+        return
+    s = onnx.defs.OpSchema
+    floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
+    onnx.defs.register_schema(s(
+        "SimplifiedLayerNormalization", "", 1, doc="ONNX Runtime's RMSNorm: X / sqrt(mean(X^2) + epsilon) * scale",
+        inputs=[s.FormalParameter("X", "T"), s.FormalParameter("scale", "V")],
+        outputs=[s.FormalParameter("Y", "V"),
+                 s.FormalParameter("inv_std_var", "U", param_option=s.FormalParameterOption.Optional)],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[s.Attribute("axis", s.AttrType.INT, "", required=False),
+                    s.Attribute("epsilon", s.AttrType.FLOAT, "", required=False),
+                    s.Attribute("stash_type", s.AttrType.INT, "", required=False)]))
 
 
 class FuseRMSNorm(pattern.RewriteRuleClassBase):
@@ -91,6 +110,7 @@ class FuseNormPass(ir.passes.InPlacePass):
     refuses raises ExpectationError with the rule's reason."""
 
     def call(self, model: ir.Model) -> Counted:
+        register_schema()
         want = candidates(model)
         n = rules().apply_to_model(model)
         if n:

@@ -49,3 +49,38 @@ def test_tiny_float32_cuda_graph_matches_eager_on_the_cpu_ep(tiny_artifact_f32_c
     for r in rep.rows:
         assert r.max_abs <= 1e-4, f"{r.name}: {r.max_abs:.3g}"
     assert rep.greedy_agree == rep.greedy_steps == 64 and rep.ok
+
+
+def test_fused_rmsnorm_passes_the_full_checker_and_matches_the_formula(tmp_path):
+    """The model's RMSNorm form (w * (x * 1/sqrt(mean(x^2) + eps))) becomes one SimplifiedLayerNormalization, which
+    onnx's full checker accepts (the export runs it) and ORT's CPU kernel computes within fp32 rounding."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from dsv4.passes.fuse_norm import FuseNormPass
+
+    d, eps = 64, 1e-6
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 5, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    c = [helper.make_tensor(n, TensorProto.FLOAT if n != "axes" else TensorProto.INT64, [1] if n == "axes" else [], v)
+         for n, v in (("two", [2.0]), ("axes", [-1]), ("eps", [eps]))]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["ms"],
+                                                                                keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["r0"]),
+             helper.make_node("Reciprocal", ["r0"], ["r"]), helper.make_node("Mul", ["x", "r"], ["xn"]),
+             helper.make_node("Mul", ["w", "xn"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, d])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, d])],
+                          initializer=[*c, helper.make_tensor("w", TensorProto.FLOAT, [d], w)])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]))
+    assert FuseNormPass()(model).counts == {"SimplifiedLayerNormalization": 1, "expected": 1}
+    assert ops(model) == {"SimplifiedLayerNormalization": 1}
+    path = tmp_path / "norm.onnx"
+    onnx.save(ir.serde.serialize_model(model), path)
+    onnx.checker.check_model(str(path), full_check=True)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x64 = x.astype(np.float64)
+    ref = w * (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
