@@ -71,10 +71,8 @@ class FuseRMSNorm(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, two, axes, eps, w):
         y = op.SimplifiedLayerNormalization(x, w, axis=-1, epsilon=float(np.asarray(g.const(eps)).reshape(-1)[0]),
                                             stash_type=1)
-        y.dtype, y.shape = x.dtype, x.shape  # ORT's op is unknown to onnx shape inference: keep the type
-        for node in op.nodes:
-            node.metadata_props[g.DSV4_OP_KEY] = "RMSNorm"
-        return y
+        y.dtype, y.shape = x.dtype, x.shape  # keep the type for onnx shape inference elsewhere (the lint)
+        return y  # the rewriter merges the replaced nodes' metadata (their layer scope) into the new node
 
 
 def rules() -> pattern.RewriteRuleSet:
