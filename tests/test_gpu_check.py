@@ -73,20 +73,14 @@ def _dry_run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, 
     return res, md
 
 
-def test_dry_run_with_exported_artifacts(tiny_artifact, tmp_path):
-    """The dry run over artifacts already in its workdir (an ort-cuda artifact from the shared raw export): it
-    checks the environment, reuses the artifact (its configuration matches), lints it, stops before the first GPU
-    call and renders the section without GPU numbers; exit 0."""
-    from conftest import fuse_artifact
-
+def test_dry_run_with_exported_artifacts(tiny_artifact_cuda, tmp_path):
+    """The dry run over artifacts already in its workdir (the shared tiny ort-cuda artifact): it checks the
+    environment, reuses the artifact (its configuration matches), lints it, stops before the first GPU call and
+    renders the section without GPU numbers; exit 0."""
     from dsv4.export import artifact
 
     art = tmp_path / "work" / "tiny" / "ort-cuda"
-    art.parent.mkdir(parents=True)
-    fuse_artifact(tiny_artifact, art, target="ort-cuda")
-    man = artifact.load_manifest(art, verify=False)
-    man["target"] = "ort-cuda"
-    artifact.write_manifest(art, man)
+    shutil.copytree(tiny_artifact_cuda, art)
     before = artifact.sha256(art / "manifest.json")
     res, md = _dry_run(tmp_path, "--models", "tiny", "--backends", "ort-cuda", "--max-seq-len", "1024",
                        "--prefill", "128", "512", "--decode-context", "256", "--parity-steps", "8")
@@ -98,6 +92,15 @@ def test_dry_run_with_exported_artifacts(tiny_artifact, tmp_path):
     assert "| tiny | 1 |" in md and "| tiny | 8 |" in md and "| measurement |" not in md
     raw = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert raw["results"] == {}
+
+    # the same dry run over an artifact with a node the CUDA EP would hand to the CPU: it stops, naming the node
+    from test_lint import _plant
+
+    shutil.rmtree(art)
+    _plant(tiny_artifact_cuda, art)
+    res, _ = _dry_run(tmp_path, "--models", "tiny", "--backends", "ort-cuda", "--max-seq-len", "1024",
+                      "--prefill", "128", "512", "--decode-context", "256", "--parity-steps", "8")
+    assert res.returncode != 0 and "planted_hardmax" in res.stdout + res.stderr
 
 
 @pytest.mark.slow  # two tiny exports and a tvm-cuda compile of both graphs: ~8 minutes of CPU on 2 cores
