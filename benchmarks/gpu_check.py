@@ -29,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,17 +120,17 @@ def _matches(art: Path, target: str, args) -> bool:
             and cfg.get("n_layers") == args.n_layers and cfg.get("n_routed_experts") == args.n_routed_experts)
 
 
-def make_checkpoint(plan: Plan) -> float:
+def checkpoint_job(args, ckpt: str) -> float:
+    """The synthetic checkpoint (seed 0) unless `ckpt` holds one of this config; seconds spent (0: reused)."""
     from dsv4.models.checkpoint_write import write_synthetic
 
-    want = plan.args.to_hf_config()
     try:
-        if json.loads((plan.ckpt / "config.json").read_text()) == want:
+        if json.loads((Path(ckpt) / "config.json").read_text()) == args.to_hf_config():
             return 0.0
     except (OSError, ValueError):
         pass
     t = time.perf_counter()
-    write_synthetic(plan.args, plan.ckpt, seed=0, overwrite=True, progress=False)
+    write_synthetic(args, ckpt, seed=0, overwrite=True, progress=False)
     return time.perf_counter() - t
 
 
@@ -174,50 +174,64 @@ def lint(plan: Plan, backend: str) -> list[str]:
     return [v.line() for v in lint_artifact(plan.art(backend), target=backend).violations]
 
 
-def cpu_phase(plans: list[Plan], backends: list[str], arch: str, jobs: int) -> dict:
-    """Checkpoints, then every export and compile in parallel processes; returns {model: {what: seconds}}."""
-    import multiprocessing as mp
+def _then(pool, before: Future, fn, *args) -> Future:
+    """A future of `fn(*args)` submitted to `pool` once `before` has succeeded (its failure passes through)."""
+    out: Future = Future()
 
-    secs: dict[str, dict] = {p.name: {} for p in plans}
-    for p in plans:
-        log(f"{p.name}: synthetic checkpoint ({p.args.n_layers} layers, {p.args.n_routed_experts} experts)")
-        s = make_checkpoint(p)
-        if s:
-            secs[p.name]["checkpoint"] = s
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        exports = {}
-        for p in plans:
-            for b in backends:
-                if not _matches(p.art(b), b, p.args):
-                    log(f"{p.name}: export for {b}")
-                    exports[(p.name, b)] = pool.submit(export_job, str(p.ckpt), str(p.art(b)), b, p.args.max_seq_len)
-        for (name, b), f in exports.items():
-            secs[name][f"export {b}"] = f.result()
-            log(f"{name}: exported for {b} in {secs[name][f'export {b}']:.0f} s")
-        compiles = {}
-        for p in plans:
-            if "tvm-cuda" in backends and not _lib_matches(p, arch):
-                log(f"{p.name}: dsv4 compile --target tvm-cuda --arch {arch}")
-                compiles[p.name] = pool.submit(compile_job, str(p.art("tvm-cuda")), str(p.lib), arch)
-        for name, f in compiles.items():
-            secs[name]["compile tvm-cuda"] = f.result()
-            log(f"{name}: compiled for tvm-cuda in {secs[name]['compile tvm-cuda']:.0f} s")
-    for p in plans:  # the seconds each piece took when it was built (this run or an earlier one)
-        for b in backends:
-            man = json.loads((p.art(b) / "manifest.json").read_text())
-            secs[p.name][f"export {b}"] = man["export_seconds"]["total"]
-        if "tvm-cuda" in backends:
-            cm = json.loads((p.lib / "manifest.json").read_text())
-            secs[p.name]["compile tvm-cuda"] = sum(v for g in cm["graphs"].values() for v in g["seconds"].values())
-    for p in plans:
-        for b in backends:
-            problems = lint(p, b)
-            if problems:
-                raise SystemExit(f"{p.name}: the {b} artifact fails its lint:\n" + "\n".join(problems))
-        if "tvm-cuda" in backends:
-            cm = json.loads((p.lib / "manifest.json").read_text())
-            ptx = [g.get("ptx") for g in cm["graphs"].values()]
-            log(f"{p.name}: tvm-cuda library ready ({'PTX ' + ', '.join(map(str, ptx)) if all(ptx) else 'CUDA source'})")
+    def relay(f: Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            out.set_result(f.result())
+
+    def go(f: Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            pool.submit(fn, *args).add_done_callback(relay)
+
+    before.add_done_callback(go)
+    return out
+
+
+def _done(value=0.0) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def submit_cpu(pool, p: Plan, backends: list[str], arch: str) -> dict[str, Future]:
+    """The CPU work of one model as futures (checkpoint -> exports -> tvm-cuda compile), skipping what the workdir
+    already holds in the right configuration."""
+    log(f"{p.name}: {p.args.n_layers} layers, {p.args.n_routed_experts} experts: checkpoint, exports "
+        f"({', '.join(backends)}){', compile' if 'tvm-cuda' in backends else ''} (what the workdir lacks)")
+    ck = pool.submit(checkpoint_job, p.args, str(p.ckpt))
+    jobs = {"checkpoint": ck}
+    for b in backends:
+        jobs[f"export {b}"] = _done() if _matches(p.art(b), b, p.args) else \
+            _then(pool, ck, export_job, str(p.ckpt), str(p.art(b)), b, p.args.max_seq_len)
+    if "tvm-cuda" in backends:
+        jobs["compile tvm-cuda"] = _done() if _lib_matches(p, arch) and jobs["export tvm-cuda"].done() else \
+            _then(pool, jobs["export tvm-cuda"], compile_job, str(p.art("tvm-cuda")), str(p.lib), arch)
+    return jobs
+
+
+def finish_cpu(p: Plan, jobs: dict[str, Future], backends: list[str]) -> dict:
+    """Wait for one model's CPU work, lint its ORT artifacts; {what: seconds it took when it was built}."""
+    for what, f in jobs.items():
+        f.result()
+        log(f"{p.name}: {what} ready")
+    secs = {"checkpoint": jobs["checkpoint"].result()} if jobs["checkpoint"].result() else {}
+    for b in backends:
+        secs[f"export {b}"] = json.loads((p.art(b) / "manifest.json").read_text())["export_seconds"]["total"]
+        problems = lint(p, b)
+        if problems:
+            raise SystemExit(f"{p.name}: the {b} artifact fails its lint:\n" + "\n".join(problems))
+    if "tvm-cuda" in backends:
+        cm = json.loads((p.lib / "manifest.json").read_text())
+        secs["compile tvm-cuda"] = sum(v for g in cm["graphs"].values() for v in g["seconds"].values())
+        ptx = [g.get("ptx") for g in cm["graphs"].values()]
+        log(f"{p.name}: tvm-cuda library ready ({'PTX ' + ', '.join(map(str, ptx)) if all(ptx) else 'CUDA source'})")
     return secs
 
 
@@ -279,37 +293,33 @@ def time_backend(gen, a, args, bw: float) -> dict:
     return out
 
 
-def gpu_phase(plans: list[Plan], backends: list[str], a) -> tuple[dict, dict]:
+def gpu_model(p: Plan, backends: list[str], a, bw: float, results: dict, notes: dict) -> None:
+    """One model on the GPU: the eager reference once, then per backend parity and timings (into `results`)."""
     import torch
 
     from dsv4.export.artifact import load_manifest
     from dsv4.runtimes.parity import eager_reference, run_parity
 
-    bw = device_bandwidth()
-    log(f"device bandwidth (device-to-device copy): {bw / 1e9:,.0f} GB/s")
-    results: dict[str, dict] = {}
-    notes = {"bandwidth GB/s": bw / 1e9}
-    for p in plans:
-        model, where = eager_on_gpu(p)
-        notes[f"{p.name} eager"] = where
-        log(f"{p.name}: eager reference ({a.parity_prompt}-token prompt + {a.parity_steps} steps, {where})")
-        man = load_manifest(p.art(backends[0]), verify=False)
-        ref = eager_reference(model, man, steps=a.parity_steps, prompt_len=a.parity_prompt)
-        del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        for b in backends:
-            log(f"{p.name}: {b}")
-            gen = generator(p, b)
-            rep = run_parity(p.art(b), reference=ref, generator=gen, backend="ort" if b.startswith("ort") else "tvm",
-                             verify=False)
-            r = time_backend(gen, a, p.args, bw)
-            lg = next(x for x in rep.rows if x.name == "prefill.logits")
-            r |= {"parity vs eager": "pass" if rep.ok else "FAIL", "max |Δ| prefill logits": lg.max_abs,
-                  "greedy vs eager": f"{rep.greedy_agree}/{rep.greedy_steps}"}
-            results[f"{p.name} {b}"] = r
-            log(f"{p.name} {b}: " + json.dumps(r, default=float))
-            del gen
-    return results, notes
+    model, where = eager_on_gpu(p)
+    notes[f"{p.name} eager"] = where
+    log(f"{p.name}: eager reference ({a.parity_prompt}-token prompt + {a.parity_steps} steps, {where})")
+    man = load_manifest(p.art(backends[0]), verify=False)
+    ref = eager_reference(model, man, steps=a.parity_steps, prompt_len=a.parity_prompt)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for b in backends:
+        log(f"{p.name}: {b}")
+        gen = generator(p, b)
+        rep = run_parity(p.art(b), reference=ref, generator=gen, backend="ort" if b.startswith("ort") else "tvm",
+                         verify=False)
+        r = time_backend(gen, a, p.args, bw)
+        lg = next(x for x in rep.rows if x.name == "prefill.logits")
+        r |= {"parity vs eager": "pass" if rep.ok else "FAIL", "max |Δ| prefill logits": lg.max_abs,
+              "greedy vs eager": f"{rep.greedy_agree}/{rep.greedy_steps}"}
+        results[f"{p.name} {b}"] = r
+        log(f"{p.name} {b}: " + json.dumps(r, default=float))
+        del gen
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -408,21 +418,38 @@ def main(argv=None) -> int:
         log(("dry run, would fail on the GPU: " if a.dry_run else "") + m)
     if missing and not a.dry_run:
         return 2
-    secs = cpu_phase(plans, a.backends, a.arch, a.jobs)
+    import multiprocessing as mp
+
+    results: dict[str, dict] = {}
+    notes: dict = {}
+    secs: dict[str, dict] = {}
+
+    def report() -> None:  # after every model, so that a timeout later keeps what was measured
+        md = render(plans, a.backends, a, results, notes, secs, gpu_name())
+        if a.md:
+            Path(a.md).write_text(md)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"results": results, "notes": notes, "seconds": secs}, indent=2,
+                                               default=float))
+        if a.out != "-":
+            update_section(Path(a.out), md, TAG)
+
+    # every model's CPU work is queued at once (the first model's first); each model goes to the GPU as soon as
+    # its own artifacts are ready, while the next one is still exporting
+    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn")) as pool:
+        queued = [submit_cpu(pool, p, a.backends, a.arch) for p in plans]
+        for p, jobs in zip(plans, queued):
+            secs[p.name] = finish_cpu(p, jobs, a.backends)
+            if not a.dry_run:
+                if "bandwidth GB/s" not in notes:
+                    notes["bandwidth GB/s"] = device_bandwidth() / 1e9
+                    log(f"device bandwidth (device-to-device copy): {notes['bandwidth GB/s']:,.0f} GB/s")
+                gpu_model(p, a.backends, a, notes["bandwidth GB/s"] * 1e9, results, notes)
+            report()
     if a.dry_run:
-        log("dry run: stopping before the first GPU call (bandwidth, eager reference, runtime sessions)")
-        results, notes = {}, {}
-    else:
-        results, notes = gpu_phase(plans, a.backends, a)
-    md = render(plans, a.backends, a, results, notes, secs, gpu_name())
-    print(md)
-    if a.md:
-        Path(a.md).write_text(md)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"results": results, "notes": notes, "seconds": secs}, indent=2,
-                                           default=float))
+        log("dry run: stopped before the first GPU call (bandwidth, eager reference, runtime sessions)")
+    print(render(plans, a.backends, a, results, notes, secs, gpu_name()))
     if a.out != "-":
-        update_section(Path(a.out), md, TAG)
         log(f"updated the {TAG} section of {a.out}")
     return 0
 

@@ -86,7 +86,7 @@ def test_dry_run_with_exported_artifacts(tiny_artifact_cuda, tmp_path):
                        "--prefill", "128", "512", "--decode-context", "256", "--parity-steps", "8")
     assert res.returncode == 0, res.stdout + res.stderr
     log = res.stdout
-    assert "stopping before the first GPU call" in log and "export for ort-cuda" not in log
+    assert "stopped before the first GPU call" in log and "tiny: export ort-cuda ready" in log
     assert artifact.sha256(art / "manifest.json") == before  # reused, not re-exported
     assert md.startswith(gpu_check.TITLE) and "Dry run: nothing ran on a GPU" in md
     assert "| tiny | 1 |" in md and "| tiny | 8 |" in md and "| measurement |" not in md
