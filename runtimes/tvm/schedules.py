@@ -189,12 +189,23 @@ def dlight_rules() -> list:
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
+def _simt_view(target: tvm.target.Target) -> tvm.target.Target:
+    """`target` as dlight's Matmul should see it: a CUDA arch below sm_70. For fp16 matmuls on sm_70+ the rule
+    first tries tensor-core tensorization (MatmulTensorization), which SEGFAULTS inside s_tir Tensorize in TVM
+    0.27 on the float16 graphs (it kills the process, nothing to catch); the SIMT tiling is used instead."""
+    if not is_cuda(target):
+        return target
+    return tvm.target.Target({"kind": "cuda", "arch": "sm_60"}, host=target.host)
+
+
 def _dlight(func: tvm.tirx.PrimFunc, target: tvm.target.Target, rules: list, errors: list):
     """The first dlight rule that schedules `func`, as (func, rule name); a rule that raises is skipped (its
-    error kept), as dlight's Matmul does on symbolic shapes it cannot tile."""
+    error kept), as dlight's GEMV does on the dequant-matmuls."""
+    from tvm.s_tir import dlight as dl
+
     for rule in rules:
         try:
-            space = rule.apply(func, target, False)
+            space = rule.apply(func, _simt_view(target) if isinstance(rule, dl.gpu.Matmul) else target, False)
         except Exception as err:  # noqa: BLE001 - TVM raises InternalError subclasses of many kinds
             errors.append(f"{type(rule).__name__}: {err}".splitlines()[0])
             continue
