@@ -67,8 +67,8 @@ def check_graph(out, cm: dict, graph: str, arch: str) -> None:
     assert sum(info["schedules"].values()) == len(census)
     kernels = {k: s for k, s in census.items() if k.startswith("dsv4_")}
     assert kernels and not [k for k, s in kernels.items() if s == "Fallback"], kernels
-    assert {s for k, s in kernels.items() if "linear" in k} == {"dsv4-linear"}
-    assert {"dsv4-row", "dsv4-linear", "Matmul"} <= set(info["schedules"])
+    assert {s for k, s in kernels.items() if "linear" in k} <= {"dsv4-linear"}  # none with float weights
+    assert {"dsv4-row", "Matmul"} <= set(info["schedules"])
 
 
 FORMAT_OPS = ("Fp8Linear", "Mxfp4Linear", "Fp8Dequant", "Mxfp4Dequant")  # the packed-format decoders: fast tier
@@ -103,6 +103,7 @@ def test_default_export_decode_sm90(tiny_artifact_tvm_cuda, tmp_path, capsys):
     out = tmp_path / "cuda"
     cm = compile_cuda(tiny_artifact_tvm_cuda, out, "sm_90", "decode")
     check_graph(out, cm, "decode", "sm_90")
+    assert cm["graphs"]["decode"]["schedules"]["dsv4-linear"] >= 1
     text = capsys.readouterr().out  # not a terminal: plain lines, one function per line
     assert "schedule census" in text and "function=dsv4_fp8_linear  schedule=dsv4-linear" in text
 
