@@ -23,22 +23,12 @@ pytestmark = pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("ptxa
                                 reason="needs nvcc and ptxas on the PATH (CUDA toolkit) for PTX checks")
 
 
-def _as_tvm_cuda(src, dst):
-    """A raw artifact through the tvm-cuda pipeline, its manifest saying tvm-cuda: what ``dsv4 export --target
-    tvm-cuda`` writes (raw graphs do not depend on the target; the pipeline and the manifest's target do)."""
-    from dsv4.export import artifact
-
-    fuse_artifact(src, dst, "tvm-cuda")
-    man = artifact.load_manifest(dst, verify=False)
-    man["target"] = "tvm-cuda"
-    artifact.write_manifest(dst, man)
-    return dst
-
-
 @pytest.fixture(scope="session")
 def tiny_artifact_tvm_cuda(tiny_artifact, tmp_path_factory):
     """The default tiny export for tvm-cuda: packed FP8/MXFP4 weights, quant_sim on, fp32 activations."""
-    return _as_tvm_cuda(tiny_artifact, tmp_path_factory.mktemp("tvm_cuda") / "packed")
+    dst = tmp_path_factory.mktemp("tvm_cuda") / "packed"
+    fuse_artifact(tiny_artifact, dst, "tvm-cuda")
+    return dst
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +38,17 @@ def tiny_artifact_tvm_cuda_f16(tiny_checkpoint, tmp_path_factory):
 
     raw = export_artifact(tmp_path_factory.mktemp("art") / "tiny_f16", checkpoint=tiny_checkpoint, max_seq_len=1024,
                           weights="float16", progress=False).path
-    return _as_tvm_cuda(raw, tmp_path_factory.mktemp("tvm_cuda") / "f16")
+    dst = tmp_path_factory.mktemp("tvm_cuda") / "f16"
+    fuse_artifact(raw, dst, "tvm-cuda")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_tvm_cuda_f32(tiny_artifact_f32, tmp_path_factory):
+    """tiny_artifact_f32 (float32 weights, quant_sim off) through the tvm-cuda pipeline."""
+    dst = tmp_path_factory.mktemp("tvm_cuda") / "f32"
+    fuse_artifact(tiny_artifact_f32, dst, "tvm-cuda")
+    return dst
 
 
 def compile_cuda(art, out, arch: str, graphs: str) -> dict:
@@ -130,18 +130,15 @@ def test_census_printing_never_wraps_names(capsys):
     assert "  schedule=Fallback  decode=1" in lines and not any("function=add" in ln for ln in lines)
 
 
-@pytest.mark.slow
-def test_default_export_both_graphs_sm90(tiny_artifact_tvm_cuda, tmp_path):
+@pytest.mark.slow  # each case compiles both graphs (~7-14 min on 2 shared cores); float16 adds its export
+@pytest.mark.parametrize("config, arch", [("tiny_artifact_tvm_cuda", "sm_90"), ("tiny_artifact_tvm_cuda_f16", "sm_90"),
+                                          ("tiny_artifact_tvm_cuda_f16", "sm_80"),
+                                          ("tiny_artifact_tvm_cuda_f32", "sm_90")],
+                         ids=["default-sm_90", "float16-sm_90", "float16-sm_80", "float32-nosim-sm_90"])
+def test_export_configurations_both_graphs(config, arch, request, tmp_path):
+    """Both graphs of the default export (packed, quant_sim on, fp32), a float16 export (the linears cast their fp32
+    sums back in the epilogue) and a float32 quant_sim-off export, to PTX that ptxas accepts."""
     out = tmp_path / "cuda"
-    cm = compile_cuda(tiny_artifact_tvm_cuda, out, "sm_90", "prefill,decode")
+    cm = compile_cuda(request.getfixturevalue(config), out, arch, "prefill,decode")
     for g in ("prefill", "decode"):
-        check_graph(out, cm, g, "sm_90")
-
-
-@pytest.mark.slow
-def test_float16_export_both_graphs_sm80(tiny_artifact_tvm_cuda_f16, tmp_path):
-    """fp16 activations (the linears cast their fp32 sums back in the epilogue) for sm_80 (A100)."""
-    out = tmp_path / "cuda"
-    cm = compile_cuda(tiny_artifact_tvm_cuda_f16, out, "sm_80", "prefill,decode")
-    for g in ("prefill", "decode"):
-        check_graph(out, cm, g, "sm_80")
+        check_graph(out, cm, g, arch)
