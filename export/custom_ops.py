@@ -90,6 +90,7 @@ _K = "dsv4.models.kernels:"
 _S = "dsv4.export.op_samples:"
 _TVM = "dsv4.runtimes.tvm.lowerings:"  # TVM faces: runtimes/tvm/lowerings.py
 _LOWER = "dsv4.passes.lower_ort:"  # ORT faces: the rewrite rules of passes/lower_ort.py
+_WEIGHTS = "dsv4.passes.ort_weights:"  # ... and of the packed-weight forms it uses (passes/ort_weights.py)
 
 REGISTRY: tuple[OpRow, ...] = (
     OpRow("SparseAttn", "dsv4.export.custom_ops:sparse_attn_reference", "dsv4::sparse_attn",
@@ -110,16 +111,16 @@ REGISTRY: tuple[OpRow, ...] = (
           tvm=_TVM + "hc_split_sinkhorn", sample=_S + "sample_hc_split_sinkhorn",
           doc="mHC pre/post weights and the Sinkhorn-normalised comb matrix"),
     OpRow("Fp8Linear", _K + "fp8_linear", "dsv4::fp8_linear", (("x", "T"), ("weight", _U8), ("scale", _U8)),
-          (("y", "T"),), tvm=_TVM + "fp8_linear", ort=_LOWER + "LowerPackedLinear", sample=_S + "sample_fp8_linear",
+          (("y", "T"),), tvm=_TVM + "fp8_linear", ort=_WEIGHTS + "LowerPackedLinear", sample=_S + "sample_fp8_linear",
           doc="x @ dequant(FP8 e4m3 weight with E8M0 128x128 tile scales)^T"),
     OpRow("Mxfp4Linear", _K + "mxfp4_linear", "dsv4::mxfp4_linear", (("x", "T"), ("weight", _U8), ("scale", _U8)),
-          (("y", "T"),), tvm=_TVM + "mxfp4_linear", ort=_LOWER + "LowerPackedLinear", sample=_S + "sample_mxfp4_linear",
+          (("y", "T"),), tvm=_TVM + "mxfp4_linear", ort=_WEIGHTS + "LowerPackedLinear", sample=_S + "sample_mxfp4_linear",
           doc="x @ dequant(MXFP4 weight, E8M0 scales per 32)^T"),
     OpRow("Fp8Dequant", _K + "fp8_dequant", "dsv4::fp8_dequant", (("weight", _U8), ("scale", _U8)),
-          (("w", _F),), tvm=_TVM + "fp8_dequant", ort=_LOWER + "LowerPackedDequant", sample=_S + "sample_fp8_dequant",
+          (("w", _F),), tvm=_TVM + "fp8_dequant", ort=_WEIGHTS + "LowerPackedDequant", sample=_S + "sample_fp8_dequant",
           doc="FP8 e4m3 bytes + E8M0 tile scales -> fp32 (leading batch dims allowed)"),
     OpRow("Mxfp4Dequant", _K + "mxfp4_dequant", "dsv4::mxfp4_dequant", (("weight", _U8), ("scale", _U8)),
-          (("w", _F),), tvm=_TVM + "mxfp4_dequant", ort=_LOWER + "LowerPackedDequant", sample=_S + "sample_mxfp4_dequant",
+          (("w", _F),), tvm=_TVM + "mxfp4_dequant", ort=_WEIGHTS + "LowerPackedDequant", sample=_S + "sample_mxfp4_dequant",
           doc="packed e2m1 + E8M0 scales -> fp32 (leading batch dims allowed)"),
     OpRow("Fp8ActQdq", "dsv4.export.custom_ops:fp8_act_qdq_reference", None, (("x", "T"), ("block", _I64)),
           (("y", "T"),), sample=_S + "sample_fp8_act_qdq",
