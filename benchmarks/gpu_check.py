@@ -37,10 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import step_times, timed, update_section  # noqa: E402
+from gpu_report import TAG, TITLE, active_bytes, gpu_name, render  # noqa: E402,F401 - TITLE: tests read it here
 
 BACKENDS = ("ort-cuda", "tvm-cuda")
 MODELS = ("tiny", "flash4")
-TAG, TITLE = "gpu_check", "## ONNX Runtime CUDA and TVM CUDA on a GPU (`tools/gpu_check.sh`, issue [7])"
 
 
 def log(msg: str) -> None:
@@ -79,33 +79,6 @@ def model_args(name: str, a):
     if name == "flash4":
         return preset("flash", n_layers=a.flash_layers, n_routed_experts=a.flash_experts, max_seq_len=cap)
     raise ValueError(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
-
-
-def active_bytes(args, batch: int, context: int) -> dict[str, float]:
-    """Bytes one decode step reads at `batch` sequences of `context` tokens, in the stored formats: every weight
-    except the embedding (one row per sequence) and the MTP block; of the routed experts, the expected number of
-    distinct ones the batch selects per layer under uniform routing (E·(1-(1-k/E)^batch)); the fp32 decode state up
-    to `context` (window ring, compressed KV and indexer keys)."""
-    import torch
-
-    from dsv4.models.checkpoint_write import official_entries
-    from dsv4.models.state import bytes_per_token
-
-    E, k = args.n_routed_experts, args.n_activated_experts
-    touched = E * (1 - (1 - k / E) ** batch)
-    weights = 0.0
-    for e in (e for g in official_entries(args) for e in g):
-        if e.name.startswith("mtp."):
-            continue
-        if e.name == "embed.weight":
-            weights += batch * e.nbytes / e.shape[0]
-        elif ".ffn.experts." in e.name:
-            weights += e.nbytes * touched / E
-        else:
-            weights += e.nbytes
-    per = bytes_per_token(args, torch.float32)  # per-token entries amortised over the capacity; the ring is fixed
-    state = batch * (per["fixed_per_sequence"] + context * per["total_per_token"])
-    return {"weights": weights, "state": state, "total": weights + state, "experts per layer": touched}
 
 
 # ---- CPU phase: checkpoint, exports, lint, compile ---------------------------------------------------------------
@@ -320,53 +293,6 @@ def gpu_model(p: Plan, backends: list[str], a, bw: float, results: dict, notes: 
         results[f"{p.name} {b}"] = r
         log(f"{p.name} {b}: " + json.dumps(r, default=float))
         del gen
-
-
-# ---- report ---------------------------------------------------------------------------------------------------------
-def render(plans: list[Plan], backends: list[str], a, results: dict, notes: dict, secs: dict, gpu: str) -> str:
-    lines = [TITLE, "", f"{time.strftime('%Y-%m-%d')}, {gpu}. `tools/gpu_check.sh`: packed FP8/MXFP4 weights, the "
-             f"quantisation simulation on, fp32; tvm-cuda {a.arch}. " + ("**Dry run: nothing ran on a GPU.**"
-                                                                        if a.dry_run else
-                                                                        f"Device bandwidth {notes['bandwidth GB/s']:,.0f} GB/s "
-                                                                        "(device-to-device copy)."), ""]
-    for p in plans:
-        x = p.args
-        lines.append(f"- {p.name}: {x.n_layers} layers (compress ratios {list(x.compress_ratios[:x.n_layers])}), dim "
-                     f"{x.dim}, {x.n_routed_experts} routed experts (top-{x.n_activated_experts}), vocab {x.vocab_size}, "
-                     f"max_seq_len {x.max_seq_len}; " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.get(p.name, {}).items())
-                     + (f"; {notes[p.name + ' eager']}" if f"{p.name} eager" in notes else ""))
-    lines += ["", "Active bytes per decode step (stored formats, context "
-              f"{a.decode_context}):", "", "| model | batch | weights (MB) | state (MB) | experts read per layer |",
-              "|---|---:|---:|---:|---:|"]
-    for p in plans:
-        for b in a.batches:
-            ab = active_bytes(p.args, b, a.decode_context)
-            lines.append(f"| {p.name} | {b} | {ab['weights'] / 1e6:,.1f} | {ab['state'] / 1e6:,.1f} | "
-                         f"{ab['experts per layer']:.1f} |")
-    cols = [f"{p.name} {b}" for p in plans for b in backends]
-    rows = list(dict.fromkeys(k for c in cols for k in results.get(c, {})))
-    if rows:
-        lines += ["", "| measurement | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(_fmt(results.get(c, {}).get(r)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
-    return str(v)
-
-
-def gpu_name() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, check=True).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return "no GPU"
 
 
 def environment(backends: list[str], dry_run: bool) -> list[str]:
