@@ -24,7 +24,8 @@ import onnx_ir as ir
 from dsv4.models.checkpoint_io import writing_dir
 
 from . import custom_ops
-from .signature import GRAPHS, signature, state_layout
+from .signature import signature, state_layout
+from .static import device_section
 from .targets import Target
 
 MANIFEST = "manifest.json"
@@ -66,14 +67,14 @@ def versions() -> dict[str, str | None]:
 
 
 def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
-                   counts: dict, seconds: dict, weights_file: str) -> dict:
+                   counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None) -> dict:
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     graph_info = {}
     for name, m in graphs.items():
-        ins, outs = signature(args, dtype, name)
+        ins, outs = signature(args, dtype, name, shapes and shapes["batch"])
         graph_info[name] = {
             "file": f"{name}.onnx",
             "inputs": [s.to_json() for s in ins],
@@ -92,7 +93,9 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
         "target": target.name, "opset": target.opset, "domain": {"dsv4": custom_ops.DOMAIN_VERSION},
         "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,
         "source": source, "config": config, "graphs": graph_info,
-        "state": state_layout(args, dtype),
+        "state": state_layout(args, dtype, shapes and shapes["batch"]),
+        "static": shapes,
+        **({"ascend": device_section(graph_info, shapes)} if target.name == "ascend" else {}),
         "dsv4_ops": sorted({op for g in graph_info.values() for op in g["dsv4_nodes"]}),
         "tokenizer": "tokenizer.json" if (root / "tokenizer.json").is_file() else None,
         "export_seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -127,8 +130,8 @@ def load_manifest(art: str | Path, verify: bool = True) -> dict:
             raise ArtifactError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} (hash mismatch)")
         if verify and sha256(p) != info["sha256"]:
             raise ArtifactError(f"{p}: sha256 hash mismatch with {MANIFEST}; the file was modified or corrupted")
-    for g in GRAPHS:
-        check_external_data(root, man["graphs"][g]["file"], set(man["files"]))
+    for info in man["graphs"].values():
+        check_external_data(root, info["file"], set(man["files"]))
     return man
 
 

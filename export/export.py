@@ -38,7 +38,8 @@ from dsv4.models.model import DeepseekV4
 from dsv4.models.state import init_state, state_entries
 
 from . import artifact, custom_ops
-from .signature import BATCH, INPUT_IDS, LENGTH, LOGITS, past, present
+from .signature import BATCH, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
+from .static import finalize, static_shapes
 from .targets import Target, get_target
 from .weights import CheckpointSource, ModuleSource, WeightsFile, resolve, skeleton
 
@@ -86,24 +87,42 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
-    """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors)."""
+class _PaddedPrefill(_Prefill):
+    """input_ids [B,T] right-padded + lengths [B] -> (logits, *state): static-shape prefill buckets."""
+
+    def forward(self, input_ids, lengths):
+        state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
+        logits, new, _ = self.model.step(input_ids, state, lengths)
+        return (logits, *[new[n] for n in self.names])
+
+
+def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = None, length: int | None = None
+          ) -> ir.Model:
+    """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors).
+    batch / length (static targets): every dim fixed, the prefill graph takes ``lengths`` (right padding)."""
     args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
-    batch = torch.export.Dim(BATCH, min=1, max=4096)
+    static = batch is not None
+    b = batch if static else 2
+    dyn_batch = torch.export.Dim(BATCH, min=1, max=4096)
     if graph == "prefill":
-        wrapper, n = _Prefill(model), 7
-        example = (torch.zeros(2, n, dtype=torch.int64, device="meta"),)
-        dyn = ({0: batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
-        inputs = [INPUT_IDS]
+        n = length if static else 7
+        ids = torch.zeros(b, n, dtype=torch.int64, device="meta")
+        if static:
+            wrapper, example, dyn = _PaddedPrefill(model), (ids, torch.ones(b, dtype=torch.int64, device="meta")), None
+            inputs = [INPUT_IDS, LENGTHS]
+        else:
+            wrapper, example = _Prefill(model), (ids,)
+            dyn = ({0: dyn_batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
+            inputs = [INPUT_IDS]
     else:
         wrapper = _Decode(model)
-        state = init_state(args, 2, model.dtype, "meta")
-        example = (torch.zeros(2, 1, dtype=torch.int64, device="meta"), *[state[k] for k in names])
-        dyn = ({0: batch}, tuple({0: batch} for _ in names))  # forward(input_ids, *past_state)
+        state = init_state(args, b, model.dtype, "meta")
+        example = (torch.zeros(b, 1, dtype=torch.int64, device="meta"), *[state[k] for k in names])
+        dyn = None if static else ({0: dyn_batch}, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
         inputs = [INPUT_IDS] + [past(k) for k in names]
     with _quiet():
         prog = torch.onnx.export(
-            wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.opset,
+            wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.graph_opset,
             custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
             input_names=inputs, output_names=[LOGITS] + [present(k) for k in names], verbose=False)
     m = prog.model
@@ -114,7 +133,7 @@ def trace(model: DeepseekV4, graph: str, target: Target) -> ir.Model:
             m.graph.register_initializer(v)
     for node in ir.traversal.RecursiveGraphIterator(m.graph):  # keep the module scopes, drop the big stack traces
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
-    m.graph.name = f"dsv4_{graph}"
+    m.graph.name = f"dsv4_{graph}" if not static or graph == "decode" else f"dsv4_prefill_{length}"
     m.producer_name, m.producer_version = "dsv4", _version()
     return m
 
@@ -206,12 +225,14 @@ class ExportResult:
 def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, model: DeepseekV4 | None = None,
                     preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
                     max_seq_len: int | None = None, quant_sim: bool | None = None, overwrite: bool = False,
-                    transform: Transform | None = None, progress: bool | None = None) -> ExportResult:
+                    transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
+                    prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
     """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
     preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
 
     weights: "packed" (FP8/MXFP4 stay packed; dequantised in-graph) or "float32"/"float16"/"float64"
-    (dequantised here; float64 for exactness tests). max_seq_len / quant_sim override the config. transform(model, graph, target), e.g.
+    (dequantised here; float64 for exactness tests). max_seq_len / quant_sim override the config. batch /
+    prefill_lengths: the static shapes of a static target (ascend; export/static.py): one prefill graph per length. transform(model, graph, target), e.g.
     ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
     """
@@ -222,6 +243,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     if weights not in tgt.weights:
         raise ValueError(f"--weights: {weights!r} is not one of {', '.join(tgt.weights)} for {tgt.name}")
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
+    if tgt.dynamic and (batch is not None or prefill_lengths is not None):
+        raise ValueError(f"--batch / --prefill-lengths: {tgt.name} exports dynamic shapes; they apply to static "
+                         "targets (ascend)")
     out = Path(out)
     check_destination(out, overwrite)
     seconds: dict[str, float] = {}
@@ -252,13 +276,16 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             skel = skeleton(args, src, weights)
             buffers = {n: b.clone() for n, b in skel.named_buffers()}  # real (RoPE tables); traced on meta
             skel.to("meta")
+        shapes = static_shapes(tgt, args, batch, prefill_lengths)
+        plan = [("prefill", n) for n in (shapes["prefill_lengths"] if shapes else [None])] + [("decode", None)]
         graphs: dict[str, ir.Model] = {}
         stacks: dict[str, list[str]] = {}
         counts: dict[str, dict] = {}
-        for graph in ("prefill", "decode"):
+        for kind, length in plan:
+            graph = graph_key(kind, length)
             t = time.perf_counter()
             with stage(f"trace {graph}"):
-                m = trace(skel, graph, tgt)
+                m = trace(skel, kind, tgt, shapes and shapes["batch"], length)
             seconds[f"trace {graph}"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage(f"fold + functions {graph}"):
@@ -280,14 +307,14 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             with stage("save + check"):
                 for graph, m in graphs.items():
                     path = tmp / f"{graph}.onnx"
-                    onnx.save(ir.serde.serialize_model(m), path)
+                    onnx.save(finalize(ir.serde.serialize_model(m), tgt), path)
                     onnx.checker.check_model(str(path), full_check=True)
                 if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
                     shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
             seconds["save"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
-                                               WEIGHTS_FILE)
+                                               WEIGHTS_FILE, shapes)
             artifact.write_manifest(tmp, manifest)
     return ExportResult(out, manifest, seconds)
 

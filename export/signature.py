@@ -3,6 +3,10 @@
 prefill: ``input_ids`` [batch, length]                    -> ``logits`` [batch, length, vocab] + ``present.*``
 decode:  ``input_ids`` [batch, 1] + ``past.{name}`` (state) -> ``logits`` [batch, 1, vocab]      + ``present.*``
 
+Static-shape targets (ascend) export one prefill graph per bucket length, keyed ``prefill.{T}`` in the manifest
+(file ``prefill.{T}.onnx``), with every dim a number and one more input, ``lengths`` [batch] int64: the real tokens
+of each row, the rest being right padding up to T (models/model.py ``step``).
+
 ``{name}`` runs over models/state.py's ``state_entries`` in order (``pos``, then ``{layer}.{kind}``); the
 decode graph's ``present.{name}`` feeds the next step's ``past.{name}``.
 """
@@ -17,6 +21,7 @@ from dsv4.models.config import ModelArgs
 from dsv4.models.state import state_entries
 
 INPUT_IDS = "input_ids"
+LENGTHS = "lengths"
 LOGITS = "logits"
 BATCH, LENGTH = "batch", "length"
 GRAPHS = ("prefill", "decode")
@@ -42,22 +47,43 @@ class IOSpec:
         return asdict(self) | {"dims": list(self.dims)}
 
 
-def signature(args: ModelArgs, dtype: torch.dtype, graph: str) -> tuple[list[IOSpec], list[IOSpec]]:
-    """(inputs, outputs) of `graph` ("prefill" or "decode")."""
-    if graph not in GRAPHS:
-        raise ValueError(f"graph: expected one of {GRAPHS}, got {graph!r}")
-    length = LENGTH if graph == "prefill" else 1
-    state = [IOSpec(e.name, _ONNX_DTYPE[e.dtype], (BATCH, *e.shape)) for e in state_entries(args, dtype)]
-    inputs = [IOSpec(INPUT_IDS, "int64", (BATCH, length))]
-    if graph == "decode":
+def graph_key(kind: str, length: int | None = None) -> str:
+    """Manifest key of a graph: "decode", "prefill", or "prefill.{length}" for a static prefill bucket."""
+    return kind if kind == "decode" or length is None else f"{kind}.{length}"
+
+
+def graph_kind(key: str) -> str:
+    """"prefill" or "decode" for a manifest graph key."""
+    kind = key.split(".", 1)[0]
+    if kind not in GRAPHS:
+        raise ValueError(f"graph: expected one of {GRAPHS} (or prefill.N), got {key!r}")
+    return kind
+
+
+def bucket_of(key: str) -> int | None:
+    """The static prefill length of a ``prefill.{T}`` key, else None."""
+    return int(key.split(".", 1)[1]) if key.startswith("prefill.") else None
+
+
+def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None = None
+              ) -> tuple[list[IOSpec], list[IOSpec]]:
+    """(inputs, outputs) of `graph` ("prefill", "decode" or a static "prefill.{T}"); `batch`: static batch."""
+    kind, bucket = graph_kind(graph), bucket_of(graph)
+    length = (LENGTH if bucket is None else bucket) if kind == "prefill" else 1
+    B = BATCH if batch is None else batch
+    state = [IOSpec(e.name, _ONNX_DTYPE[e.dtype], (B, *e.shape)) for e in state_entries(args, dtype)]
+    inputs = [IOSpec(INPUT_IDS, "int64", (B, length))]
+    if bucket is not None:
+        inputs.append(IOSpec(LENGTHS, "int64", (B,)))
+    if kind == "decode":
         inputs += [IOSpec(past(s.name), s.dtype, s.dims) for s in state]
-    outputs = [IOSpec(LOGITS, "float64" if dtype == torch.float64 else "float32", (BATCH, length, args.vocab_size))]
+    outputs = [IOSpec(LOGITS, "float64" if dtype == torch.float64 else "float32", (B, length, args.vocab_size))]
     outputs += [IOSpec(present(s.name), s.dtype, s.dims) for s in state]
     return inputs, outputs
 
 
-def state_layout(args: ModelArgs, dtype: torch.dtype) -> list[dict]:
+def state_layout(args: ModelArgs, dtype: torch.dtype, batch: int | None = None) -> list[dict]:
     """The manifest's state table: which past.* feeds which present.*, shapes, dtypes, fills, per-token growth."""
     return [{"name": e.name, "past": past(e.name), "present": present(e.name), "dtype": _ONNX_DTYPE[e.dtype],
-             "shape": [BATCH, *e.shape], "fill": e.fill if e.fill == e.fill and abs(e.fill) != float("inf")
+             "shape": [BATCH if batch is None else batch, *e.shape], "fill": e.fill if e.fill == e.fill and abs(e.fill) != float("inf")
              else str(e.fill), "per_token": e.per_token} for e in state_entries(args, dtype)]

@@ -24,6 +24,13 @@ class Target:
     weights: tuple[str, ...]  # accepted --weights modes; the first is the default
     dynamic: bool  # batch and prefill length dynamic (else: exported per static bucket)
     note: str
+    trace_opset: int | None = None  # opset the graph is traced and transformed at, when the target's is lower
+    cpu_fallback: bool = False  # accelerator EPs that this onnxruntime build lacks are dropped (parity on CPU)
+
+    @property
+    def graph_opset(self) -> int:
+        """The opset of the graph between tracing and save (``opset`` once saved)."""
+        return self.trace_opset or self.opset
 
     @property
     def default_weights(self) -> str:
@@ -38,6 +45,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined"),
     Target("tvm-llvm", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, llvm"),
     Target("tvm-cuda", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, CUDA code generation"),
+    # docs/ascend.md: opset 17 (the issue's ceiling under CANN's 18), one opset import, every dsv4 op inlined to
+    # standard ops, FP8/FP4 dequantised at export (A2/A3/310P have no FP8/FP4 kernels), static shapes per bucket.
+    # Traced at 18 (torch's exporter's own opset) and converted down to 17 at save (onnx.version_converter).
+    Target("ascend", "ort", 17, ("CANNExecutionProvider", "CPUExecutionProvider"), ("float16", "float32"), False,
+           "Huawei Ascend through ATC (atc --framework=5) or ONNX Runtime's CANN EP: plain ai.onnx opset 17, static "
+           "shapes (batch, prefill buckets, decode-state capacity), float16 with float32 islands",
+           trace_opset=18, cpu_fallback=True),
 )}
 
 

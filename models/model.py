@@ -138,11 +138,12 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, args.norm_eps)
 
     def forward(self, x: Tensor, pos0: Tensor, kv_state: Tensor, score_state: Tensor, cache: Tensor,
-                inv_freq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                inv_freq: Tensor, n: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [B,T,D] new tokens from pos0 [B]; returns (cache', kv_state', score_state').
 
         The partial block in the state and the new tokens are laid out block-aligned (A); every block of A
         that is complete after this call yields one entry, written to cache slot (block start) // m.
+        n [B,1]: the real tokens of each row (the rest is right padding, which never enters A); None: all T.
         """
         B, T, _ = x.shape
         m, d, ov = self.ratio, self.head_dim, self.overlap
@@ -155,13 +156,13 @@ class Compressor(nn.Module):
         nb = (m - 1 + T) // m  # blocks that may complete in this call
         L = nb * m + m  # one spare block of padding for the state gather below
         i = torch.arange(L, device=x.device).unsqueeze(0)
-        gi = torch.where(i < r, i, torch.where(i - r < T, m + i - r, m + T))  # [B,L] into [state rows | new | pad]
+        gi = torch.where(i < r, i, torch.where(i - r < (T if n is None else n), m + i - r, m + T))  # [B,L] into [state rows | new | pad]
         gi = gi.unsqueeze(-1).expand(B, L, C)
         A = torch.gather(torch.cat([kv_state[:, cur:], kv, kv.new_zeros(B, 1, C)], 1), 1, gi)
         As = torch.gather(torch.cat([score_state[:, cur:], score, score.new_full((B, 1, C), float("-inf"))], 1), 1, gi)
         entries = kernels.compress(A[:, :nb * m].unflatten(1, (nb, m)), As[:, :nb * m].unflatten(1, (nb, m)),
                                    kv_state[:, :m], score_state[:, :m], ov)  # [B,nb,d] fp32
-        n_new = (r + T) // m  # [B,1] entries completed by this call
+        n_new = (r + (T if n is None else n)) // m  # [B,1] entries completed by this call
         # entry post-processing: norm, RoPE at the block's first position, quantisation simulation
         e = self.norm(entries.to(cache.dtype))
         block_pos = (pos0.unsqueeze(1) - r.squeeze(1).unsqueeze(1)) + m * torch.arange(nb, device=x.device)
@@ -203,13 +204,13 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args, 4, self.head_dim, rotate=True)
 
     def forward(self, x: Tensor, cq: Tensor, pos0: Tensor, st: dict[str, Tensor], cos: Tensor, sin: Tensor,
-                inv_freq: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                inv_freq: Tensor, n: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
         q = self.wq_b(cq).unflatten(-1, (self.n_heads, self.head_dim))  # [B,T,Hi,di]
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
         if self.args.quant_sim:
             q = quant.fp4_act_qdq(up(q) @ quant.hadamard_matrix(self.head_dim, q.device, up(q).dtype), INDEX_FP4_BLOCK).to(q.dtype)
-        keys, ikv, iscore = self.compressor(x, pos0, st["index_kv"], st["index_score"], st["index"], inv_freq)
+        keys, ikv, iscore = self.compressor(x, pos0, st["index_kv"], st["index_score"], st["index"], inv_freq, n)
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,T,Hi]
         n_visible = torch.div(positions(pos0, T) + 1, 4, rounding_mode="floor")
         idx = kernels.indexer_topk(q, keys, w, n_visible, self.args.index_topk)  # [B,T,topk], -1 padded
@@ -238,8 +239,11 @@ class Attention(nn.Module):
             self.indexer = Indexer(args, dtype) if self.ratio == 4 else None
         self.register_buffer("inv_freq", rope_inv_freq(args, self.ratio > 0), persistent=False)
 
-    def forward(self, x: Tensor, pos0: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """x [B,T,D] after attn_norm; st: this layer's state by kind. Returns ([B,T,D], new state)."""
+    def forward(self, x: Tensor, pos0: Tensor, st: dict[str, Tensor], n: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """x [B,T,D] after attn_norm; st: this layer's state by kind; n [B,1]: real tokens per row (right
+        padding after them changes no real position's output and is kept out of the state). Returns ([B,T,D],
+        new state)."""
         a = self.args
         B, T, _ = x.shape
         W, H, hd, nope = a.window_size, a.n_heads, a.head_dim, a.nope_head_dim
@@ -259,14 +263,14 @@ class Attention(nn.Module):
         p0 = pos0.view(B, 1, 1)
         win_idx = torch.where(cand >= p0, W + cand - p0, torch.remainder(cand, W))
         win_idx = torch.where(cand < 0, torch.full_like(cand, -1), win_idx)
-        new = {"window": self._ring_write(ring, kv, pos0)}
+        new = {"window": self._ring_write(ring, kv, pos0, n)}
         banks, idx = [ring, kv], [win_idx]
         if self.ratio:
-            cache, ckv, cscore = self.compressor(x, pos0, st["comp_kv"], st["comp_score"], st["kv"], self.inv_freq)
+            cache, ckv, cscore = self.compressor(x, pos0, st["comp_kv"], st["comp_score"], st["kv"], self.inv_freq, n)
             new.update(kv=cache, comp_kv=ckv, comp_score=cscore)
             off = W + T
             if self.indexer is not None:
-                sel, ist = self.indexer(x, cq, pos0, st, cos, sin, self.inv_freq)
+                sel, ist = self.indexer(x, cq, pos0, st, cos, sin, self.inv_freq, n)
                 new.update(ist)
                 idx.append(torch.where(sel >= 0, sel + off, sel))
             else:  # HCA: every visible entry, j < (p+1) // m
@@ -282,9 +286,10 @@ class Attention(nn.Module):
         z = torch.einsum("btgi,gri->btgr", o, self.wo_a.dense_weight().view(G, a.o_lora_rank, -1).to(o.dtype))
         return self.wo_b(z.flatten(2)), new
 
-    def _ring_write(self, ring: Tensor, kv: Tensor, pos0: Tensor) -> Tensor:
-        """Slot s takes the last new row whose position is ≡ s (mod W), else keeps its old row."""
-        B, W, T = ring.shape[0], ring.shape[1], kv.shape[1]
+    def _ring_write(self, ring: Tensor, kv: Tensor, pos0: Tensor, n: Tensor | None = None) -> Tensor:
+        """Slot s takes the last new (real) row whose position is ≡ s (mod W), else keeps its old row."""
+        B, W = ring.shape[0], ring.shape[1]
+        T = kv.shape[1] if n is None else n
         s = torch.arange(W, device=kv.device).unsqueeze(0)
         first = torch.remainder(s - pos0.unsqueeze(1), W)  # first new row that lands in slot s
         last = first + W * torch.div((T - 1 - first).clamp_min(0), W, rounding_mode="floor")
@@ -393,9 +398,10 @@ class Block(nn.Module):
         out = post.unsqueeze(-1) * up(y.unsqueeze(-2)) + torch.einsum("btjk,btjd->btkd", comb, up(X))
         return out.to(y.dtype)
 
-    def forward(self, X: Tensor, ids: Tensor, pos0: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, X: Tensor, ids: Tensor, pos0: Tensor, st: dict[str, Tensor], n: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         u, post, comb = self.hc_pre(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        y, st = self.attn(self.attn_norm(u), pos0, st)
+        y, st = self.attn(self.attn_norm(u), pos0, st, n)
         X = self.hc_post(y, X, post, comb)
         u, post, comb = self.hc_pre(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
         X = self.hc_post(self.ffn(self.ffn_norm(u), ids), X, post, comb)
@@ -472,13 +478,18 @@ class DeepseekV4(nn.Module):
             raise ValueError(f"sequence length: position {end} exceeds max_seq_len={self.args.max_seq_len} "
                              f"(state at {int(state['pos'].max())}, {T} new tokens)")
 
-    def step(self, input_ids: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """The traceable forward: (logits [B,T,V], new state, final streams [B,T,hc,D] before the head)."""
+    def step(self, input_ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """The traceable forward: (logits [B,T,V], new state, final streams [B,T,hc,D] before the head).
+
+        lengths [B] (int64, 1..T): each row's real tokens; the rest of the row is right padding, which changes no
+        real position's logits and never enters the state (static-shape graphs pad prompts up to a bucket)."""
         pos0 = state["pos"]
         X = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,T,hc,D]
-        new: dict[str, Tensor] = {"pos": pos0 + input_ids.shape[1]}
+        n = None if lengths is None else lengths.unsqueeze(1)  # [B,1]
+        new: dict[str, Tensor] = {"pos": pos0 + (input_ids.shape[1] if lengths is None else lengths)}
         for i, layer in enumerate(self.layers):
-            X, st = layer(X, input_ids, pos0, layer_state(state, str(i)))
+            X, st = layer(X, input_ids, pos0, layer_state(state, str(i)), n)
             new.update({f"{i}.{k}": v for k, v in st.items()})
         return head_logits(self, X, self.head.weight, self.args), new, X
 

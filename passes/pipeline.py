@@ -12,6 +12,7 @@ import onnx_ir as ir
 from dsv4.export import custom_ops
 from dsv4.export.functions import DOMAIN
 
+from .ascend import AscendProfile
 from .cleanup import Cleanup, nodes, weights_hidden
 from .fuse_moe import FuseMoEPass
 from .fuse_norm import FuseNormPass
@@ -39,6 +40,9 @@ PIPELINES: dict[str, Pipeline] = {
     # TVM keeps the ops its lowerings.py implements (registry tvm faces) and inlines the others, MoE included.
     "tvm-llvm": _common("tvm-llvm"),
     "tvm-cuda": _common("tvm-cuda"),
+    # Every dsv4 op inlined (float8-free bodies), then what CANN's parser and ORT's CANN EP graph list lack rewritten
+    # into standard ops they have (passes/ascend.py); `dsv4 lint --target ascend` checks the result.
+    "ascend": (*_common("ascend"), ("ascend", AscendProfile()), ("cleanup.3", Cleanup())),
 }
 
 

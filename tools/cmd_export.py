@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="decode-state capacity (default: the config's)")
     p.add_argument("--weights", choices=WEIGHT_MODES, default=None,
                    help="packed (default: FP8/FP4 stay packed, dequantised in-graph) or a float dtype")
+    p.add_argument("--batch", type=int, default=None, help="static targets (ascend): the fixed batch (default 1)")
+    p.add_argument("--prefill-lengths", default=None,
+                   help="static targets (ascend): prefill buckets, e.g. 128,1024,4096: one prefill graph per length; "
+                        "prompts are right-padded up to the next (default 128,1024 up to --max-seq-len)")
     p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulation")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
@@ -28,12 +32,14 @@ def run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
     from dsv4.export.export import export_artifact
+    from dsv4.export.static import parse_lengths
 
     if (a.checkpoint is None) == (a.preset is None):
         raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
                           weights=a.weights, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
-                          overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False)
+                          overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
+                          batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
     Console().print(summary(res.manifest, res.path))
     return 0
 

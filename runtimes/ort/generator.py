@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsv4.export.signature import INPUT_IDS, past, present
+from dsv4.export.signature import INPUT_IDS, LENGTHS, graph_key, past, present
+from dsv4.runtimes.base import CapacityError
 from dsv4.runtimes.base import Generator as _Base
 
 from .session import load_sessions
@@ -32,6 +33,8 @@ class Generator(_Base):
         self.vocab_size, self.max_seq_len = int(cfg["vocab_size"]), int(cfg["max_seq_len"])
         self.names = [e["name"] for e in self.manifest["state"]]
         self.providers = self.sessions["decode"].get_providers()
+        # static artifacts (ascend): fixed batch, prefill buckets; a prompt is right-padded up to the next bucket
+        self.static = self.manifest.get("static")
 
     def _state(self, outputs: list[np.ndarray], session) -> dict[str, np.ndarray]:
         by_name = dict(zip((o.name for o in session.get_outputs()), outputs))
@@ -40,9 +43,24 @@ class Generator(_Base):
         return {n: by_name[present(n)] for n in self.names}
 
     def _run_prefill(self, ids):
-        s = self.sessions["prefill"]
-        out = s.run(None, {INPUT_IDS: ids})
-        return out[0], self._state(out, s)
+        if not self.static:
+            s = self.sessions["prefill"]
+            out = s.run(None, {INPUT_IDS: ids})
+            return out[0], self._state(out, s)
+        B, L = ids.shape
+        batch, buckets = self.static["batch"], self.static["prefill_lengths"]
+        if B != batch:
+            raise ValueError(f"prefill: the artifact's graphs have a static batch of {batch}, got {B} sequences "
+                             f"(export with --batch {B})")
+        T = next((n for n in buckets if n >= L), None)
+        if T is None:
+            raise CapacityError(f"prefill: {L} tokens exceed the largest prefill bucket {buckets[-1]} "
+                                f"(buckets {buckets}; export with a longer --prefill-lengths)")
+        s = self.sessions[graph_key("prefill", T)]
+        padded = np.zeros((B, T), dtype=np.int64)
+        padded[:, :L] = ids
+        out = s.run(None, {INPUT_IDS: padded, LENGTHS: np.full(B, L, dtype=np.int64)})
+        return out[0][:, :L], self._state(out, s)
 
     def _run_decode(self, ids, state):
         s = self.sessions["decode"]

@@ -25,8 +25,11 @@ OPTIMIZATION = {
 
 def providers_for(target: str, providers: list[str] | None = None) -> list[str]:
     """The execution providers to use: `providers` if given, else the target's, checked against this build."""
-    want = list(providers) if providers else list(get_target(target).providers or ("CPUExecutionProvider",))
+    tgt = get_target(target)
+    want = list(providers) if providers else list(tgt.providers or ("CPUExecutionProvider",))
     have = ort.get_available_providers()
+    if not providers and tgt.cpu_fallback:  # e.g. ascend without onnxruntime-cann: the CPU run is its parity check
+        want = [p for p in want if p in have] or ["CPUExecutionProvider"]
     missing = [p for p in want if p not in have]
     if missing:
         raise ValueError(f"providers: {', '.join(missing)} not available in this onnxruntime build "
@@ -115,6 +118,9 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(art.resolve()))
         cfg = man["config"]
         models = {g: tapped_model(art, info["file"], cfg["hc_mult"], cfg["dim"]) for g, info in man["graphs"].items()}
+    cann = man.get("ascend", {}).get("cann_ep", {}).get("provider_options")
+    if cann and "CANNExecutionProvider" in provs:  # the options the artifact was built for (export/static.py)
+        provs = [("CANNExecutionProvider", cann) if p == "CANNExecutionProvider" else p for p in provs]
     sessions = {g: ort.InferenceSession(m, so, providers=provs, disabled_optimizers=disabled)
                 for g, m in models.items()}
     return man, sessions
