@@ -2,7 +2,9 @@
 
 A profile per target (``PROFILES``) is a set of rules over one graph walk; each rule reads data files in
 ``passes/rules/`` (never op names hard-coded here), so another back end (e.g. an Ascend profile with its own tables)
-adds a profile and data, not code paths. The ORT profiles:
+adds a profile and data, not code paths. The ``ascend`` profile (``passes/lint_ascend.py``, data in
+``passes/rules/ascend/``, docs/ascend_rules.md) reads the graph as it is (CANN's parser inlines nothing) and adds
+model-level rules (opset, opset_import, functions, graph inputs, static shapes, dtypes). The ORT profiles:
 
 * walk the graph the way ONNX Runtime sees it: model-local functions inlined (ORT inlines the body of every node
   that has no kernel: the dsv4 ops), types inferred (onnx shape inference), main graph and every subgraph;
@@ -12,8 +14,8 @@ adds a profile and data, not code paths. The ORT profiles:
 * ``exceptions``: documented cases where falling back to the CPU EP is what ORT does on purpose, each with its
   reason, in ``<target>_exceptions.tsv``.
 
-A violation names the graph, the node, its op, the rule and the rule's source: ``file:line`` of the kernel row (or
-``no row for op X in <file>``).
+A violation names the graph, the node (``(model)``, ``(input x)``, ... for model-level rules), its op, the rule and
+the rule's source: ``file:line`` of the kernel row (or ``no row for op X in <file>``).
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ def schema_version(node: onnx.NodeProto, opset: int) -> tuple[int, onnx.defs.OpS
 
 
 # ---- rules ---------------------------------------------------------------------------------------------------------
-Rule = Callable[["Walk", onnx.NodeProto, "Profile"], "str | tuple[str, str] | None"]
+# a rule returns None, one (rule text, source) or a list of them
+Rule = Callable[["Walk", onnx.NodeProto, "Profile"], "tuple[str, str] | list[tuple[str, str]] | None"]
 
 
 def formal_types(node: onnx.NodeProto, schema, row: KernelRow) -> list[tuple[str, str]]:
@@ -268,9 +271,25 @@ class Profile:
         self.kernels, self.exceptions = load_kernels(self.table), load_exceptions(self.exceptions_file)
         return self
 
+    def prepare(self, path: Path) -> onnx.ModelProto:
+        """The graph file the way this profile's runtime reads it."""
+        return as_ort_sees_it(path)
+
+    def walk(self, graph: str, model: onnx.ModelProto) -> Walk:
+        return Walk(graph, model, {o.domain or "": o.version for o in model.opset_import})
+
+    def check_model(self, walk: Walk, report: Report) -> None:
+        """Model-level rules (none for the ORT profiles): append their violations and notes to `report`."""
+
     def excepted(self, walk: Walk, node: onnx.NodeProto) -> Exception_ | None:
         op = f"{node.domain or 'ai.onnx'}::{node.op_type}"
         return next((e for e in self.exceptions if e.op in ("*", op) and CONDITIONS[e.when](walk, node, self)), None)
+
+
+def _ascend() -> Profile:
+    from dsv4.passes.lint_ascend import profile  # imports this module, hence loaded on demand
+
+    return profile()
 
 
 PROFILES: dict[str, Callable[[], Profile]] = {
@@ -278,6 +297,7 @@ PROFILES: dict[str, Callable[[], Profile]] = {
                                 (("kernel", kernel_rule),)).load(),
     "ort-cpu": lambda: Profile("ort-cpu", RULES / "ort_cpu_kernels.tsv", RULES / "ort_cpu_exceptions.tsv",
                                (("kernel", kernel_rule),)).load(),
+    "ascend": _ascend,
 }
 
 
@@ -287,32 +307,32 @@ class Report:
     violations: list[Violation]
     excepted: dict[str, int]  # "where: op" -> nodes excused by that exception row
     nodes: dict[str, int]  # graph -> nodes checked
+    info: list[str] = field(default_factory=list)  # notes that are not violations (e.g. shapes inference left unknown)
 
 
 def lint_model(model: onnx.ModelProto, graph: str, prof: Profile, report: Report) -> None:
-    walk = Walk(graph, model, {o.domain or "": o.version for o in model.opset_import})
+    walk = prof.walk(graph, model)
+    prof.check_model(walk, report)
     checked = 0
     for node in walk.nodes():
         checked += 1
         for _, rule in prof.rules:
-            hit = rule(walk, node, prof)
-            if hit is None:
-                continue
-            exc = prof.excepted(walk, node)
-            if exc is not None:
-                key = f"{exc.where} {exc.op} ({exc.when})"
-                report.excepted[key] = report.excepted.get(key, 0) + 1
-                continue
-            rule_text, source = hit
-            report.violations.append(Violation(graph, node.name or "(unnamed)",
-                                               f"{node.domain or 'ai.onnx'}::{node.op_type}", rule_text, source))
+            hits = rule(walk, node, prof)
+            for rule_text, source in [hits] if isinstance(hits, tuple) else hits or ():
+                exc = prof.excepted(walk, node)
+                if exc is not None:
+                    key = f"{exc.where} {exc.op} ({exc.when})"
+                    report.excepted[key] = report.excepted.get(key, 0) + 1
+                    continue
+                report.violations.append(Violation(graph, node.name or "(unnamed)",
+                                                   f"{node.domain or 'ai.onnx'}::{node.op_type}", rule_text, source))
     report.nodes[graph] = checked
 
 
 def lint_artifact(art: str | Path, target: str | None = None, verify: bool = True) -> Report:
-    """Lint both graphs of an artifact against `target`'s profile (default: the manifest's target)."""
+    """Lint every graph the manifest lists (prefill, decode, or one prefill per static bucket) against `target`'s
+    profile (default: the manifest's target)."""
     from dsv4.export.artifact import load_manifest
-    from dsv4.export.signature import GRAPHS
 
     art = Path(art)
     man = load_manifest(art, verify=verify)
@@ -321,6 +341,6 @@ def lint_artifact(art: str | Path, target: str | None = None, verify: bool = Tru
         raise ValueError(f"lint: no profile for target {target!r}; profiles: {', '.join(PROFILES)}")
     prof = PROFILES[target]()
     report = Report(target, [], {}, {})
-    for g in GRAPHS:
-        lint_model(as_ort_sees_it(art / f"{g}.onnx"), g, prof, report)
+    for g, info in man["graphs"].items():
+        lint_model(prof.prepare(art / info["file"]), g, prof, report)
     return report

@@ -1,5 +1,7 @@
 """``dsv4 lint ART [--target T]``: would the target's runtime run every node of the artifact on the kernels it
-promises? One line per violating node (graph, node, op, rule, the rule's source), a summary, exit 1 when any."""
+promises (ort-cpu, ort-cuda), or accept the graph at all (ascend: CANN's ONNX parser and the CANN EP's graph mode)?
+Any profile runs on any artifact; every graph the manifest lists is checked. One line per violation (graph, node or
+``(model)``/``(input x)``/..., op, rule, the rule's source), notes, a summary; exit 1 when any."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     from dsv4.passes.lint import PROFILES
 
-    p = sub.add_parser("lint", help="check every node of an artifact against its target's kernel tables")
+    p = sub.add_parser("lint", help="check every graph of an artifact against a target's rules (kernel tables, ascend)")
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--target", choices=sorted(PROFILES), help="profile to check against (default: the manifest's)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest's hash check")
@@ -29,7 +31,7 @@ def run(a: argparse.Namespace) -> int:
 
         con = Console()
         if rep.violations:
-            t = Table(title=f"{len(rep.violations)} node(s) without a {rep.target} kernel")
+            t = Table(title=f"{len(rep.violations)} violation(s) of the {rep.target} rules")
             for col in ("graph", "node", "op", "rule", "source"):
                 t.add_column(col, overflow="fold")
             for v in rep.violations:
@@ -37,11 +39,15 @@ def run(a: argparse.Namespace) -> int:
             con.print(t)
         for key, n in rep.excepted.items():
             con.print(f"excepted: {n} node(s) by {key}")
+        for note in rep.info:
+            con.print(f"note: {note}")
         con.print(f"lint {rep.target}: {len(rep.violations)} violation(s), {excused} excepted; nodes checked: {checked}")
     else:  # plain lines, never wrapped: one violation per line, tab separated
         for v in rep.violations:
             print(v.line())
         for key, n in rep.excepted.items():
             print(f"# excepted: {n} node(s) by {key}")
+        for note in rep.info:
+            print(f"# note: {note}")
         print(f"# lint {rep.target}: {len(rep.violations)} violation(s), {excused} excepted; nodes checked: {checked}")
     return 1 if rep.violations else 0
