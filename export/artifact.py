@@ -242,6 +242,9 @@ def inspect_artifact(art: str | Path, verify: bool = False) -> dict:
             per_tok += b / cap
         else:
             fixed += b
+    for k in ("static", "ascend"):  # static shapes, and what runs the artifact on the device (export/static.py)
+        if man.get(k):
+            out[k] = man[k]
     out["state"] = {"bytes_per_token": per_tok, "fixed_bytes_per_sequence": fixed, "max_seq_len": cap,
                     "entries": len(man["state"])}
     return out

@@ -246,6 +246,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     if tgt.dynamic and (batch is not None or prefill_lengths is not None):
         raise ValueError(f"--batch / --prefill-lengths: {tgt.name} exports dynamic shapes; they apply to static "
                          "targets (ascend)")
+    if tgt.trace_opset is not None and transform is None:
+        raise ValueError(f"--no-passes: the {tgt.name} target needs its pass pipeline (every dsv4 op inlined, the "
+                         f"rewrites of passes/{tgt.name}.py) before its graphs can be saved at opset {tgt.opset}")
     out = Path(out)
     check_destination(out, overwrite)
     seconds: dict[str, float] = {}

@@ -15,7 +15,7 @@ import torch
 
 from dsv4.export.artifact import stage_printer
 
-from .verdict import ULP_REL, tolerance_for
+from .verdict import tolerance_for
 
 
 # ---- the eager side ---------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
 
     def jitter(t):
         r = torch.randint(0, 3, t.shape, generator=gen).to(device=t.device, dtype=t.dtype) - 1
-        return t * (1 + ULP_REL * r)
+        return t * (1 + torch.finfo(t.dtype).eps * r)  # 1 ulp of the tensor's own type (ULP_REL for fp32)
 
     def layer_hook(i):
         def hook(mod, inp, out):

@@ -186,3 +186,16 @@ def tiny_artifact_f32_cuda(tiny_artifact_f32, tmp_path_factory):
     dst = tmp_path_factory.mktemp("cuda") / "f32"
     cuda_artifact(tiny_artifact_f32, dst)
     return dst
+
+
+# ---- ascend (export/static.py, passes/ascend.py) ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_artifact_ascend(tiny_checkpoint, tmp_path_factory):
+    """tiny for the ascend target as its fp32 twin without the simulation (strict parity against tiny_eager_f32):
+    static batch 1, one prefill bucket of 256 tokens, decode state for 1024."""
+    from dsv4.export.export import export_artifact
+    from dsv4.passes.pipeline import run
+
+    return export_artifact(tmp_path_factory.mktemp("art") / "tiny_ascend", checkpoint=tiny_checkpoint,
+                           target="ascend", weights="float32", quant_sim=False, max_seq_len=1024,
+                           prefill_lengths=(256,), transform=lambda m, g, t: run(m, t.name), progress=False).path

@@ -144,3 +144,62 @@ def test_loop_unroll_and_isinf_rewrites_compute_the_same():
     want, got = _run(model, x=v), _run(flat, x=v)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+# ---- the artifact ----------------------------------------------------------------------------------------------------
+def test_ascend_artifact_is_static_plain_opset17(tiny_artifact_ascend):
+    """One opset import (ai.onnx 17), no functions, every graph input/output dim a positive number, no float8 / bf16
+    tensor; the manifest records the buckets, and per graph an ATC command line with its --input_shape."""
+    from dsv4.export.artifact import load_manifest
+
+    man = load_manifest(tiny_artifact_ascend)
+    assert man["static"] == {"batch": 1, "prefill_lengths": [256], "max_seq_len": 1024}
+    assert set(man["graphs"]) == {"prefill.256", "decode"}
+    for key, info in man["graphs"].items():
+        m = onnx.load(tiny_artifact_ascend / info["file"], load_external_data=False)
+        assert [(o.domain, o.version) for o in m.opset_import] == [("", 17)] and not m.functions
+        for v in (*m.graph.input, *m.graph.output):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            assert all(isinstance(d, int) and d > 0 for d in dims), (key, v.name, dims)
+        types = {t.data_type for t in m.graph.initializer} | {v.type.tensor_type.elem_type for v in m.graph.input}
+        assert not types & {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.BFLOAT16,
+                            TensorProto.FLOAT4E2M1, TensorProto.FLOAT8E8M0}
+        cmd = man["ascend"]["atc"][key]
+        assert cmd.startswith(f"atc --model={info['file']} --framework=5 ") and "--soc_version=" in cmd
+        shape = ";".join(f"{i['name']}:{','.join(map(str, i['dims']))}" for i in info["inputs"])
+        assert f'--input_shape="{shape}"' in cmd and "--precision_mode=must_keep_origin_dtype" in cmd
+    assert man["ascend"]["cann_ep"]["provider_options"]["precision_mode"] == "must_keep_origin_dtype"
+
+
+def test_ascend_artifact_lints_clean(tiny_artifact_ascend):
+    from dsv4.passes.lint import lint_artifact
+
+    rep = lint_artifact(tiny_artifact_ascend, "ascend")
+    assert rep.violations == [], "\n".join(v.line() for v in rep.violations[:20])
+    assert set(rep.nodes) == {"prefill.256", "decode"} and min(rep.nodes.values()) > 1000
+
+
+def test_ascend_fp32_twin_strict_parity_with_a_prompt_that_does_not_fill_its_bucket(tiny_artifact_ascend,
+                                                                                  tiny_eager_f32):
+    """200 real tokens in the 256-token bucket (56 padding) + 32 decode steps: logits and every state tensor
+    within the strict fp32 bound, greedy tokens all equal."""
+    from dsv4.runtimes.parity import run_parity
+
+    rep = run_parity(tiny_artifact_ascend, model=tiny_eager_f32, steps=32, prompt_len=200, threads=1)
+    from dsv4.runtimes.parity import plain_lines
+
+    assert rep.ok, "\n".join(plain_lines(rep))
+    assert rep.tolerance_key == ["float32", False] and rep.greedy_agree == rep.greedy_steps == 32
+    assert max(r.max_abs for r in rep.rows if r.name.startswith("prefill.")) < 1e-4
+
+
+def test_ascend_generator_refuses_what_its_static_shapes_cannot_hold(tiny_artifact_ascend):
+    from dsv4.runtimes.base import CapacityError
+    from dsv4.runtimes.ort import Generator
+
+    gen = Generator(tiny_artifact_ascend, threads=1)
+    assert gen.providers == ["CPUExecutionProvider"]  # no onnxruntime-cann here: the CPU run is the check
+    with pytest.raises(CapacityError, match="largest prefill bucket 256"):
+        gen.prefill(np.zeros((1, 257), dtype=np.int64))
+    with pytest.raises(ValueError, match="static batch of 1, got 2"):
+        gen.prefill(np.zeros((2, 10), dtype=np.int64))

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--layers", action="store_true",
                    help="per decoder layer, the nodes ORT executes (bodies inlined) before and after the target's passes")
-    p.add_argument("--graph", default="decode", choices=("prefill", "decode"), help="graph of the --layers report")
+    p.add_argument("--graph", default="decode", help="graph of the --layers report (prefill, decode, or a static "
+                   "artifact's prefill.N)")
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,25 @@ def run(a: argparse.Namespace) -> int:
     for dt, d in info["weights_by_dtype"].items():
         w.add_row(dt, str(d["tensors"]), f"{d['elements']:,}", f"{d['bytes']:,}")
     con.print(w)
+    _device(info)
     return 0
+
+
+def _device(info: dict) -> None:
+    """Static shapes and, for ascend, the ATC command line per graph and the CANN EP options: plain lines, never
+    wrapped (a command is copied from here)."""
+    if info.get("static"):
+        st = info["static"]
+        print(f"static shapes: batch {st['batch']}, prefill buckets {st['prefill_lengths']}, "
+              f"max_seq_len {st['max_seq_len']}")
+    asc = info.get("ascend")
+    if asc:
+        print(f"ascend: soc_version {asc['soc_version']}, precision_mode {asc['precision_mode']} ({asc['note']})")
+        for g, cmd in asc["atc"].items():
+            print(f"atc {g}: {cmd}")
+        ep = asc["cann_ep"]
+        print(f"onnxruntime-cann provider options: {json.dumps(ep['provider_options'])}; session options: "
+              f"{json.dumps(ep['session_options'])}")
 
 
 def _layers(a: argparse.Namespace) -> int:
