@@ -8,10 +8,11 @@ checkpoint format (SPEC §1.3) are constants, and they live next to the code tha
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .hf_config import check_value
 
 FP8_BLOCK = 128  # FP8 weight tile and activation quantisation block (SPEC §1.3)
 FP4_BLOCK = 32  # MXFP4 scale block along K
@@ -65,7 +66,10 @@ class ModelArgs:
     eos_token_id: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        from .hf_config import check_value, official
+
+        for f in dataclasses.fields(self):  # types first, under the config.json names: 128.7 is not coerced to 128
+            object.__setattr__(self, f.name, check_value(official(f.name), str(f.type), getattr(self, f.name)))
         self.validate()
 
     # ---- derived -------------------------------------------------------------------------------------
@@ -96,17 +100,19 @@ class ModelArgs:
 
     # ---- validation ----------------------------------------------------------------------------------
     def validate(self) -> None:
+        from .hf_config import official
+
         def need(cond: bool, key: str, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"{key}: {msg}")
+                raise ConfigError(f"{official(key)}: {msg}")
 
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool) and f.name not in ("bos_token_id", "eos_token_id"):
-                need(v >= 0, f.name, f"must be >= 0, got {v}")
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
                     "n_routed_experts", "n_activated_experts", "moe_inter_dim", "window_size", "hc_mult", "max_seq_len"):
             need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                need(v >= 0, f.name, f"must be >= 0, got {v}")
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers, "compress_ratios",
              f"has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers} + {self.n_mtp_layers}")
@@ -150,82 +156,12 @@ class ModelArgs:
     def from_hf_config(cls, path_or_dict: str | Path | dict, **overrides: Any) -> ModelArgs:
         """Read the official Hugging Face ``config.json`` (a path to the file or its directory, or a dict).
 
-        Unknown keys are ignored; a missing or inconsistent key raises ConfigError naming it.
+        Unknown keys are ignored; a missing, mistyped or inconsistent key raises ConfigError naming it
+        (models/hf_config.py).
         """
-        if isinstance(path_or_dict, dict):
-            cfg, where = path_or_dict, "config"
-        else:
-            p = Path(path_or_dict)
-            if p.is_dir():
-                p = p / "config.json"
-            if not p.is_file():
-                raise ConfigError(f"config.json: no such file {p}")
-            try:
-                cfg = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config.json: {p} is not valid JSON ({e})") from e
-            where = str(p)
+        from .hf_config import read
 
-        def get(key: str, default: Any = _MISSING) -> Any:
-            if key in cfg:
-                return cfg[key]
-            if default is _MISSING:
-                raise ConfigError(f"{key}: missing from {where}")
-            return default
-
-        n_layers = int(get("num_hidden_layers"))
-        n_mtp = int(get("num_nextn_predict_layers", 0))
-        rope = get("rope_scaling", None) or {}
-        if rope and rope.get("type", rope.get("rope_type", "yarn")) != "yarn":
-            raise ConfigError(f"rope_scaling.type: only 'yarn' is used by V4, got {rope.get('type')!r}")
-        kv_heads = int(get("num_key_value_heads", 1))
-        if kv_heads != 1:
-            raise ConfigError(f"num_key_value_heads: V4 has one shared KV head, got {kv_heads}")
-        if get("tie_word_embeddings", False):
-            raise ConfigError("tie_word_embeddings: V4's output head is untied, got true")
-        expert_dtype = cfg.get("expert_dtype") or "fp4"  # absent in the April-2026 snapshots (SPEC §1.1)
-        kw = dict(
-            vocab_size=int(get("vocab_size")),
-            dim=int(get("hidden_size")),
-            n_layers=n_layers,
-            n_heads=int(get("num_attention_heads")),
-            head_dim=int(get("head_dim")),
-            rope_head_dim=int(get("qk_rope_head_dim")),
-            q_lora_rank=int(get("q_lora_rank")),
-            o_groups=int(get("o_groups")),
-            o_lora_rank=int(get("o_lora_rank")),
-            n_routed_experts=int(get("n_routed_experts")),
-            n_shared_experts=int(get("n_shared_experts")),
-            n_activated_experts=int(get("num_experts_per_tok")),
-            moe_inter_dim=int(get("moe_intermediate_size")),
-            n_hash_layers=int(get("num_hash_layers", 0)),
-            route_scale=float(get("routed_scaling_factor")),
-            swiglu_limit=float(get("swiglu_limit", 0.0)),
-            window_size=int(get("sliding_window")),
-            compress_ratios=tuple(get("compress_ratios")),
-            index_n_heads=int(get("index_n_heads")),
-            index_head_dim=int(get("index_head_dim")),
-            index_topk=int(get("index_topk")),
-            rope_theta=float(get("rope_theta")),
-            compress_rope_theta=float(get("compress_rope_theta")),
-            rope_factor=float(rope.get("factor", 1.0)),
-            original_seq_len=int(rope.get("original_max_position_embeddings", 0)),
-            beta_fast=float(rope.get("beta_fast", 32)),
-            beta_slow=float(rope.get("beta_slow", 1)),
-            hc_mult=int(get("hc_mult")),
-            hc_sinkhorn_iters=int(get("hc_sinkhorn_iters")),
-            hc_eps=float(get("hc_eps")),
-            norm_eps=float(get("rms_norm_eps")),
-            n_mtp_layers=n_mtp,
-            score_func=str(get("scoring_func", "sqrtsoftplus")),
-            expert_dtype=str(expert_dtype),
-            bos_token_id=int(get("bos_token_id", 0)),
-            eos_token_id=int(get("eos_token_id", 1)),
-        )
-        if not isinstance(kw["compress_ratios"], tuple) or not all(isinstance(r, int) for r in kw["compress_ratios"]):
-            raise ConfigError("compress_ratios: must be a list of integers")
-        kw.update(overrides)
-        return cls(**kw)
+        return read(path_or_dict, overrides)
 
     def to_hf_config(self) -> dict:
         """The official ``config.json`` keys for these args (used to write synthetic checkpoints)."""
@@ -288,8 +224,6 @@ class ModelArgs:
         }
 
 
-_MISSING = object()
-
 
 def _flash_ratios(n_layers: int) -> tuple[int, ...]:
     return (0, 0) + tuple(4 if i % 2 == 0 else 128 for i in range(2, n_layers)) + (0,)
@@ -342,7 +276,7 @@ def preset(name: str, **overrides: Any) -> ModelArgs:
         raise ConfigError(f"preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     kw = dict(PRESETS[name])
     if "n_layers" in overrides and "compress_ratios" not in overrides:
-        n = int(overrides["n_layers"])
+        n = check_value("num_hidden_layers", "int", overrides["n_layers"])
         n_mtp = int(overrides.get("n_mtp_layers", kw.get("n_mtp_layers", 1)))
         main = kw["compress_ratios"][: len(kw["compress_ratios"]) - 1][:n]
         if len(main) < n:

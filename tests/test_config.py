@@ -64,3 +64,59 @@ def test_bad_file_and_preset_errors(tmp_path):
     with pytest.raises(ConfigError, match="hidden_size: 160 is not a multiple of 128"):
         preset("tiny", dim=160)
     assert preset("tiny", dim=160, quant_sim=False).dim == 160  # the FP8 block constraint comes from the simulation
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("hidden_size", 128.7, r"hidden_size: expected an integer, got 128.7 \(a float\)"),
+    ("hidden_size", 128.0, "hidden_size: expected an integer, got 128.0"),
+    ("hidden_size", "abc", r'hidden_size: expected an integer, got "abc" \(a string\)'),
+    ("num_hidden_layers", [4], r"num_hidden_layers: expected an integer, got \[4\] \(a list\)"),
+    ("num_experts_per_tok", True, "num_experts_per_tok: expected an integer, got true"),
+    ("rope_theta", "1e4", "rope_theta: expected a number"),
+    ("swiglu_limit", None, r"swiglu_limit: expected a number, got null"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps: expected a finite number"),
+    ("compress_ratios", [4.5] * 44, "compress_ratios: entry 0 must be an integer, got 4.5"),
+    ("compress_ratios", "0,4", "compress_ratios: expected a list of integers"),
+    ("hidden_size", -4096, "hidden_size: must be > 0, got -4096"),
+    ("moe_intermediate_size", -2048, "moe_intermediate_size: must be > 0"),
+    ("num_hash_layers", -1, "num_hash_layers: must be >= 0, got -1"),
+    ("swiglu_limit", -10.0, "swiglu_limit: must be >= 0"),
+])
+def test_config_values_are_type_checked_under_their_official_names(key, value, msg):
+    """A value of the wrong type or sign is an error naming the config.json key; nothing is coerced."""
+    cfg = flash_cfg() | {key: value}
+    with pytest.raises(ConfigError, match=msg):
+        ModelArgs.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("key", ["swiglu_limit", "rope_scaling", "num_nextn_predict_layers", "num_hash_layers",
+                                 "scoring_func", "eos_token_id", "bos_token_id", "num_key_value_heads",
+                                 "tie_word_embeddings", "rope_scaling.factor", "rope_scaling.beta_fast",
+                                 "rope_scaling.original_max_position_embeddings"])
+def test_keys_every_release_carries_are_required(key, tmp_path):
+    """A missing swiglu_limit used to turn the clamp off silently; now it is an error naming key and file."""
+    cfg = flash_cfg()
+    if "." in key:
+        del cfg["rope_scaling"][key.split(".")[1]]
+    else:
+        del cfg[key]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=rf"^{key}: missing from {tmp_path / 'config.json'}"):
+        ModelArgs.from_hf_config(tmp_path)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object of config keys"):
+        ModelArgs.from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(flash_cfg() | {"hidden_size": 100}))
+    with pytest.raises(ConfigError, match=rf"hidden_size: 100 is not a multiple of 128.*\({tmp_path}"):
+        ModelArgs.from_hf_config(tmp_path)
+    with pytest.raises(ConfigError, match="rope_scaling.type: only 'yarn'"):
+        ModelArgs.from_hf_config(flash_cfg() | {"rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_preset_overrides_are_type_checked_too():
+    with pytest.raises(ConfigError, match="hidden_size: expected an integer, got 128.7"):
+        preset("tiny", dim=128.7)
+    assert preset("tiny").beta_fast == 32.0 and isinstance(preset("tiny").beta_fast, float)
