@@ -40,8 +40,9 @@ from dsv4.models.state import init_state, state_entries
 from . import artifact, custom_ops
 from .signature import BATCH, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
 from .static import finalize, static_shapes
+from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
 from .targets import Target, get_target
-from .weights import CheckpointSource, ModuleSource, WeightsFile, resolve, skeleton
+from .weights import CheckpointSource, ModuleSource, skeleton
 
 WEIGHTS_FILE = "weights.data"
 PENDING = "<pending>"  # location of placeholder tensors until bind_weights points them at WEIGHTS_FILE
@@ -224,6 +225,7 @@ class ExportResult:
 
 def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, model: DeepseekV4 | None = None,
                     preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
+                    experts: str | None = None, layers: int | None = None,
                     max_seq_len: int | None = None, quant_sim: bool | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
                     prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
@@ -235,6 +237,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     prefill_lengths: the static shapes of a static target (ascend; export/static.py): one prefill graph per length. transform(model, graph, target), e.g.
     ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
+
+    experts (ort-cpu, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's blocks), see
+    export/stream.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
     """
     if sum(x is not None for x in (checkpoint, model, preset)) != 1:
         raise ValueError("export: give exactly one of checkpoint, model, preset")
@@ -242,6 +247,10 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     weights = weights or tgt.default_weights
     if weights not in tgt.weights:
         raise ValueError(f"--weights: {weights!r} is not one of {', '.join(tgt.weights)} for {tgt.name}")
+    experts = expert_mode(tgt.name, weights, experts)
+    if layers is not None and model is not None:
+        raise ValueError("--layers: slices a checkpoint or a preset, not an in-memory model")
+    transform = with_experts(transform, experts)
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
     if tgt.dynamic and (batch is not None or prefill_lengths is not None):
         raise ValueError(f"--batch / --prefill-lengths: {tgt.name} exports dynamic shapes; they apply to static "
@@ -270,10 +279,12 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                 args = model.args.with_(**overrides)
                 source_info = {"kind": "model"}
             else:
-                src = CheckpointSource(checkpoint, **overrides)
+                src = CheckpointSource(checkpoint, layers=layers, **overrides)
                 stack.callback(src.close)
                 args = src.args
                 source_info = source_info or {"kind": "checkpoint", "path": str(Path(checkpoint).resolve())}
+                if layers is not None:
+                    source_info["layers"] = layers
         seconds["source"] = time.perf_counter() - t0
         with stage("skeleton"):
             skel = skeleton(args, src, weights)
@@ -303,8 +314,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             seconds[f"fold {graph}"] = time.perf_counter() - t
         with artifact.writing(out, overwrite) as tmp:
             t = time.perf_counter()
-            with stage("weights"):
-                bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE)
+            with stage("weights") as status:
+                written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
+                                       bf16=experts is not None, report=reporter(status, progress))
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage("save + check"):
@@ -318,45 +330,18 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             seconds["total"] = time.perf_counter() - t0
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
                                                WEIGHTS_FILE, shapes)
+            manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)
     return ExportResult(out, manifest, seconds)
 
 
 def bind_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor],
-                 stacks: dict[str, list[str]], path: Path) -> None:
-    """Write every initializer of the graphs once into `path` and point both graphs at it."""
-    wanted: dict[str, ir.Value] = {}
-    for m in graphs.values():
-        for name, v in m.graph.initializers.items():
-            wanted.setdefault(name, v)
-    wf = WeightsFile(path)
-    locs: dict[str, tuple[int, int]] = {}
-    try:
-        for name, v in wanted.items():
-            shape = tuple(int(d) for d in v.shape)
-            if DERIVED in v.meta:  # a pass's re-layout of other weights (passes/derived.py), from their experts
-                parts = v.meta[DERIVED](lambda n, dt, shp: (resolve(source, m, dt, tuple(shp[1:])) for m in stacks[n])
-                                        if n in stacks else iter([resolve(source, n, dt, tuple(shp))]))
-            elif name in stacks:
-                parts = (resolve(source, n, v.dtype, shape[1:]) for n in stacks[name])
-            elif name in source:
-                parts = iter([resolve(source, name, v.dtype, shape)])
-            elif name in buffers:
-                parts = iter([buffers[name].to(_torch(v.dtype)).contiguous()])
-            elif _real(v.const_value):
-                continue  # a small constant the exporter lifted (e.g. a scalar): stays inside the .onnx file
-            else:
-                raise ValueError(f"weights: no data for initializer {name} (neither in the source nor a buffer)")
-            locs[name] = wf.append(parts)
-    finally:
-        wf.close()
-    for m in graphs.values():
-        for name, v in m.graph.initializers.items():
-            if name not in locs:
-                continue
-            off, length = locs[name]
-            v.const_value = ir.ExternalTensor(path.name, off, length, v.dtype, shape=v.shape, name=name,
-                                              base_dir=path.parent)
+                 stacks: dict[str, list[str]], path: Path, bf16: bool = False, report=None) -> dict:
+    """Write every initializer of the graphs once into `path` and point both graphs at it (export/stream.py);
+    `bf16`: BF16 checkpoint tensors stay BF16, cast in-graph. Returns the writer's statistics."""
+    if bf16:
+        keep_bf16(graphs, source)
+    return write_weights(graphs, source, buffers, stacks, path, DERIVED, report)
 
 
 def _real(t) -> bool:

@@ -9,8 +9,6 @@ scales) or as floats. The skeleton mirrors the source: a projection stored packe
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ from dsv4.models.checkpoint import Checkpoint, parameters_on_meta, validate
 from dsv4.models.config import FP4_BLOCK, FP8_BLOCK, ModelArgs
 from dsv4.models.model import DeepseekV4, Linear
 
-ALIGN = 64  # byte alignment of every tensor in the weights file
+from .stream import ALIGN, WeightsFile  # noqa: F401  (re-exported: the writer lives in stream.py)
+
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _PACKED_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4"}
 
@@ -51,12 +50,16 @@ class ModuleSource:
 
 
 class CheckpointSource:
-    """Tensors of an official-format checkpoint directory, validated first, read one at a time."""
+    """Tensors of an official-format checkpoint directory, validated first, read one at a time (pread, never a
+    mapping). `layers`: only the first N decoder layers (+ head and MTP), a slice of any checkpoint."""
 
-    def __init__(self, path: str | Path, **overrides):
+    def __init__(self, path: str | Path, layers: int | None = None, **overrides):
         from dsv4.models.checkpoint import CheckpointError
 
         self.ck = Checkpoint(path)
+        if layers is not None:
+            overrides = {**first_layers(self.ck.config or {}, layers), **overrides}
+            self.ck.first_layers(layers)
         rep = validate(self.ck, **overrides)
         if not rep.ok:
             raise CheckpointError(self.ck.path, rep.problems)
@@ -66,8 +69,8 @@ class CheckpointSource:
         t = self.ck.tensors.get(name)
         return _PACKED_DTYPES.get(t.dtype) if t is not None and name.endswith(".weight") else None
 
-    def read(self, name: str) -> torch.Tensor:
-        t = self.ck.read(name)
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        t = self.ck.read_raw(name, rows)
         return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int8) else t
 
     def __contains__(self, name: str) -> bool:
@@ -75,6 +78,16 @@ class CheckpointSource:
 
     def close(self) -> None:
         self.ck.close()
+
+
+def first_layers(config: dict, n: int) -> dict:
+    """ModelArgs overrides that keep the first `n` decoder layers of a checkpoint's config (+ its MTP entries)."""
+    total = int(config.get("num_hidden_layers", 0))
+    if not 1 <= n <= total:
+        raise ValueError(f"--layers: {n} is not between 1 and the checkpoint's {total} layers")
+    ratios = list(config.get("compress_ratios", []))
+    return {"n_layers": n, "compress_ratios": tuple(ratios[:n] + ratios[total:]),
+            "n_hash_layers": min(int(config.get("num_hash_layers", 0)), n)}
 
 
 def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
@@ -130,30 +143,3 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return np.ascontiguousarray(t.numpy()).tobytes()
-
-
-class WeightsFile:
-    """Append-only writer of the shared external-data file; every tensor starts on an ALIGN boundary."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = open(path, "wb")
-        self.offset = 0
-
-    def append(self, parts: Iterable[torch.Tensor]) -> tuple[int, int]:
-        """Write the parts back to back (a stacked tensor is its members in order); returns (offset, length)."""
-        pad = -self.offset % ALIGN
-        if pad:
-            self._f.write(b"\0" * pad)
-            self.offset += pad
-        start = self.offset
-        for t in parts:
-            b = tensor_bytes(t)
-            self._f.write(b)
-            self.offset += len(b)
-        return start, self.offset - start
-
-    def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()

@@ -73,6 +73,7 @@ class StoredTensor:
     dtype: str  # safetensors code
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # of its first byte in the shard file (header included)
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -173,6 +174,7 @@ class Checkpoint:
 
     def _add_shard(self, file: str, header: dict, data_len: int, listed: list[str] | None,
                    weight_map: dict[str, str]) -> None:
+        start = (self.path / file).stat().st_size - data_len  # the data area follows the 8-byte length + header
         cut: list[str] = []
         end = 0  # tensors must tile the data area without holes or overlaps (as safetensors requires)
         entries = sorted(((n, i) for n, i in header.items() if n != "__metadata__"),
@@ -200,7 +202,7 @@ class Checkpoint:
             if name in self.tensors:
                 self._problem("shard", name, file, f"also stored in {self.tensors[name].file}")
                 continue
-            self.tensors[name] = StoredTensor(name, file, dtype, shape, size)
+            self.tensors[name] = StoredTensor(name, file, dtype, shape, size, start + a)
         if cut:
             self.accounted.update(cut)
             self._problem("shard", _few(cut), file, f"truncated: {data_len} bytes of tensor data, the header needs "
@@ -230,6 +232,32 @@ class Checkpoint:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         h = self._handles[file]
         return h.get_tensor(name) if rows is None else h.get_slice(name)[rows]
+
+    def read_raw(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The stored tensor (its on-disk dtype), or a contiguous slice of its rows, read with pread into fresh
+        memory: not a mapping of the shard, so its resident pages go with the tensor (bounded export RSS)."""
+        t = self.tensors[name]
+        n_rows = t.shape[0] if t.shape else 1
+        row = t.nbytes // n_rows if n_rows else 0
+        r0, r1, _ = (rows or slice(None)).indices(n_rows)
+        r1 = max(r0, r1)
+        buf = bytearray((r1 - r0) * row)
+        view, done = memoryview(buf), 0
+        with open(self.path / t.file, "rb", buffering=0) as f:
+            while done < len(buf):  # one pread returns at most ~2 GiB
+                got = os.preadv(f.fileno(), [view[done:]], t.offset + r0 * row + done)
+                if got <= 0:
+                    raise OSError(f"{self.path / t.file}: short read of {name} ({done} of {len(buf)} bytes)")
+                done += got
+        shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
+        if not buf:
+            return torch.empty(shape, dtype=DTYPES[t.dtype][1])
+        return torch.frombuffer(buf, dtype=torch.uint8).view(DTYPES[t.dtype][1]).reshape(shape)
+
+    def first_layers(self, n: int) -> None:
+        """Forget the tensors of decoder layers >= n (a slice of the model: the first n layers, head and MTP)."""
+        for name in [k for k in self.tensors if k.startswith("layers.") and int(k.split(".")[1]) >= n]:
+            del self.tensors[name]
 
     def close(self) -> None:
         self._handles.clear()

@@ -23,7 +23,7 @@ import torch
 
 from . import quant
 from .checkpoint import TensorSpec, expected_tensors
-from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, write_shard, writing_dir
+from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, safetensors_header, write_shard, writing_dir
 from .config import FP8_BLOCK, ModelArgs
 from .synthetic import synthetic_chunks
 
@@ -117,8 +117,11 @@ def encode_synthetic(spec: TensorSpec, seed: int, args: ModelArgs) -> Iterator[t
 
 
 def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size: str | int = "2GB",
-                    overwrite: bool = False, progress: bool | None = None) -> Path:
-    """Write a synthetic checkpoint of `args` in the official format to `out` (atomically); returns the path."""
+                    overwrite: bool = False, progress: bool | None = None, sparse: bool = False) -> Path:
+    """Write a synthetic checkpoint of `args` in the official format to `out` (atomically); returns the path.
+
+    sparse: every tensor's data is zero and stored as a hole (the shards take no disk blocks): the layout, headers
+    and sizes of a real checkpoint for measuring what does not depend on the values (export memory, trace time)."""
     out = Path(out)
     size = parse_size(shard_size)
     shards = plan_shards(official_entries(args), size)
@@ -129,6 +132,9 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
         total = sum(e.nbytes for s in shards for e in s)
         with progress_bar(progress, f"writing {out.name}", total) as advance:
             for file, entries in zip(names, shards):
+                if sparse:
+                    _write_hole_shard(tmp / file, entries, advance)
+                    continue
                 specs = [e.spec for e in entries if e.name == e.spec.name]
                 stream = (t for spec in specs for t in encode_synthetic(spec, seed, args))
                 write_shard(tmp / file, entries, stream, advance)
@@ -137,3 +143,13 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out
 
+
+
+def _write_hole_shard(path: Path, entries: list[Entry], advance) -> None:
+    """A shard whose header is real and whose data is one hole of the right length (zeros when read)."""
+    head = safetensors_header(entries)
+    data = sum(e.nbytes for e in entries)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + data)
+    advance(data)

@@ -35,6 +35,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from dsv4.export.functions import DOMAIN, SOFTPLUS_THRESHOLD
+from dsv4.export.stream import EXPERT_MODES, EXPERTS_KEY
 from dsv4.models.config import FP4_BLOCK
 
 from . import _graph as g
@@ -102,9 +103,9 @@ class LowerMoE(pattern.RewriteRuleClassBase):
     stacks stay computed (their dequant nodes lower to DequantizeLinear) and feed the float MoE.
     """
 
-    def __init__(self, qmoe: bool = True):
+    def __init__(self, qmoe: bool = True, packed: bool = False):
         super().__init__("LowerMoE" if qmoe else "LowerMoE(no QMoE)")
-        self.qmoe = qmoe
+        self.qmoe, self.packed = qmoe, packed
 
     def pattern(self, op, x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k, route_scale, swiglu_limit,
                 hash_routing, act_quant, scoring):
@@ -115,6 +116,8 @@ class LowerMoE(pattern.RewriteRuleClassBase):
     def check(self, context, x, w1, w2, w3, shared, act_quant, scoring, **_) -> MatchResult:
         res = MatchResult()
         reason = why_not(x, w1, w2, w3, shared, act_quant, scoring)
+        if reason is None and self.packed and expert_form(w1, w2, w3)[0] == "mxfp4":
+            reason = f"{EXPERTS_KEY}=packed: the MXFP4 stacks stay packed, NarrowMoE dequantises the selected experts"
         return res.fail(reason) if reason else res
 
     def rewrite(self, op, x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k, route_scale, swiglu_limit,
@@ -181,8 +184,12 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
                       route_scale=route_scale, swiglu_limit=swiglu_limit, hash_routing=hash_routing,
                       act_quant=act_quant, scoring=scoring)
 
+    def __init__(self, packed: bool = False):
+        super().__init__("NarrowMoE(packed)" if packed else "NarrowMoE")
+        self.packed = packed
+
     def check(self, context, x, w1, w2, w3, act_quant, scoring, **_) -> MatchResult:
-        if not act_quant.value:
+        if not act_quant.value and not self.packed:
             return MatchResult().fail("act_quant=0: LowerMoE's contrib op takes this MoE")
         if _dtype(x) != ir.DataType.FLOAT:
             return MatchResult().fail(f"x is {_dtype(x)}: the routing here is written for float32 graphs (an fp64 "
@@ -213,7 +220,8 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
         used = op.ReduceMax(op.Cast(hit, to=i64), op.Constant(value_ints=[0]), keepdims=0)  # [E] 0/1
         eids = op.Reshape(op.NonZero(used), op.Constant(value_ints=[-1]))  # [U]
         pos = op.Sub(op.CumSum(used, op.Constant(value_int=0)), op.Constant(value_int=1))  # expert -> its row in eids
-        stacks = [mxfp4_dequantize_linear(op, q, sc, eids) for q, sc in ((q1, s1), (q2, s2), (q3, s3))]
+        stacks = [op.Mxfp4Dequant(op.Gather(q, eids, axis=0), op.Gather(sc, eids, axis=0), _domain=DOMAIN)
+                  if self.packed else mxfp4_dequantize_linear(op, q, sc, eids) for q, sc in ((q1, s1), (q2, s2), (q3, s3))]
         y = op.MoEExperts(x, w, op.Gather(pos, idx, axis=0), *stacks, swiglu_limit=float(swiglu_limit.value),
                           act_quant=int(act_quant.value), _domain=DOMAIN)
         out = op.Add(y, op.Cast(shared, to=f32))
@@ -222,15 +230,24 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
         return out
 
 
-def rules(qmoe: bool = True) -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([LowerMoE.rule(qmoe)])
+def rules(qmoe: bool = True, packed: bool = False) -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([LowerMoE.rule(qmoe, packed)])
 
 
-def narrow_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([NarrowMoE.rule()])
+def narrow_rules(packed: bool = False) -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([NarrowMoE.rule(packed)])
 
 
-def expected_moe(model: ir.Model) -> tuple[list[str], list[str]]:
+def experts_of(model: ir.Model) -> str:
+    """How MXFP4 expert stacks are stored: ``model.meta[EXPERTS_KEY]`` as the export set it (``--experts``), else
+    "int8" (QMoE's lossless int8 re-encoding)."""
+    mode = model.meta.get(EXPERTS_KEY, "int8")
+    if mode not in EXPERT_MODES:
+        raise ValueError(f"{EXPERTS_KEY}: {mode!r} is not one of {', '.join(EXPERT_MODES)}")
+    return mode
+
+
+def expected_moe(model: ir.Model, packed: bool = False) -> tuple[list[str], list[str]]:
     """(dsv4.MoE nodes LowerMoE must lower, nodes NarrowMoE must narrow), by what the target promises rather than by
     the rules' own checks: every float32 MoE with act_quant=0 runs as MoE/QMoE, every float32 act_quant=1 MoE over
     MXFP4 initializer stacks is narrowed. fp64 graphs (exactness artifacts) keep their bodies by design."""
@@ -239,7 +256,9 @@ def expected_moe(model: ir.Model) -> tuple[list[str], list[str]]:
         if node.op_type != "MoE" or node.domain != DOMAIN or _dtype(node.inputs[0]) != ir.DataType.FLOAT:
             continue
         w1, w2, w3 = node.inputs[5:8]
-        if not node.attributes["act_quant"].value:
+        if packed and expert_form(w1, w2, w3)[0] == "mxfp4":
+            narrow.append(node.name)
+        elif not node.attributes["act_quant"].value:
             if all(_dtype(w) == ir.DataType.FLOAT for w in (w1, w2, w3)):
                 lower.append(node.name)
         elif expert_form(w1, w2, w3)[0] == "mxfp4":
@@ -267,11 +286,12 @@ class LowerOrtPass(ir.passes.InPlacePass):
         self.name, self.qmoe = name, qmoe
 
     def call(self, model: ir.Model):
-        want_lower, want_narrow = expected_moe(model)
-        n = rules(self.qmoe).apply_to_model(model)  # first: it looks through the experts' dequant nodes
+        packed = experts_of(model) == "packed"
+        want_lower, want_narrow = expected_moe(model, packed)
+        n = rules(self.qmoe, packed).apply_to_model(model)  # first: it looks through the experts' dequant nodes
         if n:
             ir.passes.common.RemoveUnusedNodesPass()(model)
-        narrowed = narrow_rules().apply_to_model(model)  # the act_quant=1 MoEs that LowerMoE refused
+        narrowed = narrow_rules(packed).apply_to_model(model)  # the MoEs that LowerMoE refused
         if narrowed:
             ir.passes.common.RemoveUnusedNodesPass()(model)
         fp8 = fp8_rules().apply_to_model(model)
@@ -281,9 +301,10 @@ class LowerOrtPass(ir.passes.InPlacePass):
         ops = Counter(node.op_type for node in model.graph if node.domain == MS)
         by_name = {node.name: node for node in model.graph}
         shortfall(f"{self.name}: dsv4.MoE nodes lowered to com.microsoft.MoE/QMoE (float32, act_quant=0)",
-                  len(want_lower), {k: why(rules(self.qmoe), model, by_name[k]) for k in want_lower if k in by_name})
-        shortfall(f"{self.name}: dsv4.MoE nodes narrowed (float32, act_quant=1, MXFP4 stacks)", len(want_narrow),
-                  {k: why(narrow_rules(), model, by_name[k]) for k in want_narrow if k in by_name})
+                  len(want_lower), {k: why(rules(self.qmoe, packed), model, by_name[k]) for k in want_lower
+                                    if k in by_name})
+        shortfall(f"{self.name}: dsv4.MoE nodes narrowed (float32, act_quant=1 or packed experts, MXFP4 stacks)",
+                  len(want_narrow), {k: why(narrow_rules(packed), model, by_name[k]) for k in want_narrow if k in by_name})
         packed = [node for node in model.graph if node.domain == DOMAIN and node.op_type in PACKED_OPS
                   and _packed_weight(*node.inputs[-2:]) is None]  # uint8 initializers only this node reads
         shortfall(f"{self.name}: packed FP8/MXFP4 weights dequantised by DequantizeLinear", fp8 + fp4 + len(packed),

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB, 64MiB")
     m.add_argument("--expert-dtype", choices=("fp4", "fp8"), default=None,
                    help="routed expert format (default: the preset's, fp4 = MXFP4 as released)")
+    m.add_argument("--sparse", action="store_true",
+                   help="zero data stored as file holes (no disk blocks): real layout for memory/time measurements")
     m.add_argument("--out", required=True, help="checkpoint directory to create")
     m.add_argument("--force", action="store_true", help="replace an existing directory")
     m.add_argument("--no-progress", action="store_true")
@@ -39,7 +41,7 @@ def run_make(a: argparse.Namespace) -> int:
     con = Console()
     t0 = time.perf_counter()
     out = write_synthetic(args, a.out, seed=a.seed, shard_size=a.shard_size, overwrite=a.force,
-                          progress=False if a.no_progress else None)
+                          progress=False if a.no_progress else None, sparse=a.sparse)
     files = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     con.print(f"wrote {out}: {len(files)} shard(s), {human_bytes(size)}, preset {a.preset}, {args.n_layers} layer(s), "

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-lengths", default=None,
                    help="static targets (ascend): prefill buckets, e.g. 128,1024,4096: one prefill graph per length; "
                         "prompts are right-padded up to the next (default 128,1024 up to --max-seq-len)")
+    p.add_argument("--experts", choices=("packed", "int8"), default=None,
+                   help="ort-cpu, packed weights: MXFP4 routed experts as the checkpoint's bytes (packed, default) or "
+                        "as QMoE's int8 blocks (int8: 1.5x the bytes; docs/PERF.md compares decode speed)")
+    p.add_argument("--layers", type=int, default=None, help="export only the first N decoder layers (+ head and MTP)")
     p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulation")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
@@ -37,7 +41,7 @@ def run(a: argparse.Namespace) -> int:
     if (a.checkpoint is None) == (a.preset is None):
         raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
-                          weights=a.weights, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
+                          weights=a.weights, experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
                           overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
                           batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
     Console().print(summary(res.manifest, res.path))

@@ -1,0 +1,359 @@
+"""The weights writer: every initializer of both graphs streamed once into the shared external-data file, in
+bounded memory, with progress (N of M tensors, bytes, rate, ETA). Decisions: docs/export.md "Real size".
+
+Three kinds of tensor, cheapest first:
+* a stored tensor the graph wants byte for byte (packed FP8/MXFP4 bytes, E8M0 scales, F32, I64, and BF16 kept as
+  BF16): copied shard -> weights file by the kernel (``os.copy_file_range``), never through Python memory;
+* a stored tensor the graph wants converted (BF16 -> fp32, FP8/MXFP4 -> float with ``--weights float*``): read with
+  pread in row chunks of at most ``CHUNK`` bytes of output, converted, written;
+* a derived re-layout (passes/derived.py) or a stacked expert tensor: member by member (one expert at a time).
+
+Peak memory is one chunk or one expert, whatever the model size: nothing maps the shards (a mapping's touched
+pages would count as resident for as long as the mapping lives).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from dsv4.models import quant
+from dsv4.models.checkpoint_io import DTYPES
+from dsv4.models.config import FP8_BLOCK
+
+ALIGN = 64  # byte alignment of every tensor in the weights file
+CHUNK = 64 << 20  # bytes of converted output per chunk
+# stored dtype -> the graph dtypes that take its bytes unchanged
+SAME_BYTES = {"I8": {ir.DataType.UINT8, ir.DataType.INT8}, "U8": {ir.DataType.UINT8},
+              "F8_E4M3": {ir.DataType.UINT8, ir.DataType.FLOAT8E4M3FN}, "F8_E8M0": {ir.DataType.UINT8},
+              "F32": {ir.DataType.FLOAT}, "F64": {ir.DataType.DOUBLE}, "I64": {ir.DataType.INT64},
+              "I32": {ir.DataType.INT32}, "BF16": {ir.DataType.BFLOAT16}, "F16": {ir.DataType.FLOAT16}}
+_TORCH = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+          ir.DataType.INT64: torch.int64, ir.DataType.UINT8: torch.uint8, ir.DataType.INT32: torch.int32,
+          ir.DataType.BOOL: torch.bool, ir.DataType.DOUBLE: torch.float64}
+
+
+# ---- the file ----------------------------------------------------------------------------------------------------
+class WeightsFile:
+    """Append-only writer of the shared external-data file; every tensor starts on an ALIGN boundary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb", buffering=0)
+        self.offset = 0
+
+    def _pad(self) -> int:
+        pad = -self.offset % ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        return self.offset
+
+    def append(self, parts: Iterable[torch.Tensor]) -> tuple[int, int]:
+        """Write the parts back to back (a stacked tensor is its members in order); returns (offset, length)."""
+        start = self._pad()
+        for t in parts:
+            self.write(t)
+        return start, self.offset - start
+
+    def write(self, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        view = memoryview(np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8))
+        while view:
+            n = self._f.write(view)
+            view = view[n:]
+            self.offset += n
+
+    def copy(self, src: Path, offset: int, length: int) -> None:
+        """`length` bytes of `src` from `offset`, copied by the kernel (no user-space buffer); holes of a sparse
+        source stay holes (the range is skipped, not written)."""
+        out = self._f.fileno()
+        with open(src, "rb", buffering=0) as f:
+            fd, pos, end = f.fileno(), offset, offset + length
+            while pos < end:
+                try:
+                    data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+                except OSError:  # ENXIO: nothing but a hole up to the end of the file
+                    data = end
+                if data > pos:
+                    os.lseek(out, data - pos, os.SEEK_CUR)
+                    pos = data
+                    continue
+                stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                while pos < stop:
+                    try:
+                        n = os.copy_file_range(fd, out, stop - pos, pos)
+                    except OSError:  # filesystems without copy_file_range: a bounded buffer
+                        n = os.write(out, os.pread(fd, min(stop - pos, CHUNK), pos))
+                    if n <= 0:
+                        raise OSError(f"{src}: short copy at byte {pos} of [{offset}, {end})")
+                    pos += n
+        self.offset += length
+
+    def close(self) -> None:
+        os.ftruncate(self._f.fileno(), self.offset)  # a trailing hole still counts
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Tensors and bytes written of the totals, with rate and ETA; `report(text)` at most every `every` s."""
+
+    tensors: int
+    total: int
+    report: Callable[[str], None] | None = None
+    every: float = 0.5
+    done_tensors: int = 0
+    done: int = 0
+
+    def __post_init__(self):
+        self.t0 = self._last = time.perf_counter()
+
+    def advance(self, nbytes: int, tensor: bool = False) -> None:
+        self.done += nbytes
+        self.done_tensors += int(tensor)
+        now = time.perf_counter()
+        if self.report is not None and (now - self._last >= self.every or self.done_tensors == self.tensors):
+            self._last = now
+            self.report(self.text())
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def text(self) -> str:
+        s = max(self.seconds, 1e-9)
+        rate = self.done / s
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"{self.done_tensors}/{self.tensors} tensors · {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB · "
+                f"{rate / 1e6:.0f} MB/s · ETA {eta:.0f} s")
+
+
+def printer(show: bool | None) -> Callable[[str], None] | None:
+    """Progress lines on stderr (for logs: a terminal gets the stage spinner's text instead)."""
+    if not show:
+        return None
+    return lambda text: print(f"  weights: {text}", file=sys.stderr, flush=True)
+
+
+# ---- what to write -------------------------------------------------------------------------------------------------
+def stored(source, name: str):
+    """The checkpoint's StoredTensor for `name` (None for an in-memory source)."""
+    ck = getattr(source, "ck", None)
+    return ck.tensors.get(name) if ck is not None else None
+
+
+def raw_copy(source, name: str, want: ir.DataType, shape: tuple[int, ...]):
+    """The StoredTensor when the graph takes its bytes unchanged (same element bytes, same element count)."""
+    t = stored(source, name)
+    if t is None or want not in SAME_BYTES.get(t.dtype, ()):
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return t if n * DTYPES[t.dtype][0] == t.nbytes else None
+
+
+def chunks(source, name: str, want: ir.DataType, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """`name` as the graph wants it, in row chunks of at most CHUNK bytes of output (dequantised, cast)."""
+    from .weights import resolve
+
+    t = stored(source, name)
+    if t is None or not shape or want == ir.DataType.UINT8:
+        yield resolve(source, name, want, shape)
+        return
+    out_row = _TORCH[want].itemsize
+    for d in shape[1:]:
+        out_row *= d
+    rows = max(1, CHUNK // max(1, out_row))
+    fmt = source.packed(name)
+    if fmt == "fp8":
+        rows = max(FP8_BLOCK, rows // FP8_BLOCK * FP8_BLOCK)
+    scale_name = name[: -len("weight")] + "scale" if fmt else None
+    for r0 in range(0, shape[0], rows):
+        r1 = min(shape[0], r0 + rows)
+        x = source.read(name, slice(r0, r1))
+        if fmt == "fp8":
+            s = source.read(scale_name, slice(r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)))
+            x = quant.fp8_block_dequant(x, s)
+        elif fmt == "fp4":
+            x = quant.mxfp4_dequant(x, source.read(scale_name, slice(r0, r1)))
+        x = x.to(_TORCH[want])
+        if tuple(x.shape[1:]) != tuple(shape[1:]):
+            raise ValueError(f"weights: {name} has rows of shape {list(x.shape[1:])} in the source; the graph wants "
+                             f"{list(shape[1:])}")
+        yield x.contiguous()
+
+
+def nbytes(v: ir.Value) -> int:
+    n = 1
+    for d in v.shape:
+        n *= int(d)
+    return n * v.dtype.itemsize
+
+
+# ---- bf16 kept as bf16 -------------------------------------------------------------------------------------------
+def keep_bf16(graphs: dict[str, ir.Model], source) -> int:
+    """Initializers stored as BF16 in the checkpoint that the graph reads as float32 become BF16 initializers
+    followed by one Cast to float32 (exact): the artifact holds the checkpoint's bytes (embedding and head are
+    2x smaller). Returns the number of initializers retyped per graph (the same in each)."""
+    n = 0
+    for m in graphs.values():
+        g = m.graph
+        for name, v in list(g.initializers.items()):
+            t = stored(source, name)
+            if t is None or t.dtype != "BF16" or v.dtype != ir.DataType.FLOAT or not v.uses():
+                continue
+            cast = ir.node("Cast", [v], attributes={"to": ir.DataType.FLOAT}, name=f"{name}.to_float32")
+            out = cast.outputs[0]
+            out.name, out.dtype, out.shape = f"{name}.float32", ir.DataType.FLOAT, v.shape
+            for node, i in list(v.uses()):
+                if node is not cast:
+                    node.replace_input_with(i, out)
+            g.insert_before(next(iter(g)), cast) if len(g) else g.append(cast)
+            v.type = ir.TensorType(ir.DataType.BFLOAT16)  # a new type: type objects may be shared
+            if v.const_value is not None:
+                v.const_value = ir.ExternalTensor("<pending>", 0, nbytes(v), ir.DataType.BFLOAT16, shape=v.shape,
+                                                  name=name)
+            n += 1
+    return n // max(1, len(graphs))
+
+
+# ---- the writer --------------------------------------------------------------------------------------------------
+def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor], stacks: dict[str, list[str]],
+                  path: Path, derived_key: str, report: Callable[[str], None] | None = None) -> dict:
+    """Write every initializer of the graphs once into `path` and point both graphs at it. Returns statistics:
+    tensors, bytes written, bytes copied by the kernel, seconds, and the checkpoint bytes the written tensors come
+    from (``source_bytes``: the rate the export is measured by)."""
+    from .weights import resolve
+
+    wanted: dict[str, ir.Value] = {}
+    for m in graphs.values():
+        for name, v in m.graph.initializers.items():
+            wanted.setdefault(name, v)
+    jobs = []
+    for name, v in wanted.items():
+        shape = tuple(int(d) for d in v.shape)
+        if derived_key in v.meta:  # a pass's re-layout of other weights (passes/derived.py), expert by expert
+            def members(n, dt, shp):
+                return (resolve(source, m, dt, tuple(shp[1:])) for m in stacks[n]) if n in stacks else \
+                    iter([resolve(source, n, dt, tuple(shp))])
+
+            srcs = [s for n, _, _ in v.meta[derived_key].sources for s in stacks.get(n, [n])]
+            jobs.append((name, v, lambda v=v, members=members: v.meta[derived_key](members), srcs))
+        elif name in stacks:
+            jobs.append((name, v, ("stack", stacks[name], shape[1:]), stacks[name]))
+        elif name in source:
+            jobs.append((name, v, ("one", name, shape), [name]))
+        elif name in buffers:
+            jobs.append((name, v, lambda b=buffers[name], v=v: iter([b.to(_TORCH[v.dtype]).contiguous()]), []))
+        elif _real(v.const_value):
+            continue  # a small constant the exporter lifted (e.g. a scalar): stays inside the .onnx file
+        else:
+            raise ValueError(f"weights: no data for initializer {name} (neither in the source nor a buffer)")
+    src_names = {n for *_, srcs in jobs for n in srcs}
+    src_names |= {n[: -len("weight")] + "scale" for n in src_names if n.endswith(".weight") and source.packed(n)}
+    source_bytes = sum(t.nbytes for n in src_names if (t := stored(source, n)) is not None)
+    prog = Progress(len(jobs), sum(nbytes(v) for _, v, *_ in jobs), report)
+    wf = WeightsFile(path)
+    locs: dict[str, tuple[int, int]] = {}
+    copied = 0
+    try:
+        for name, v, how, _ in jobs:
+            if callable(how):
+                start = wf._pad()
+                for part in how():
+                    wf.write(part)
+                    prog.advance(part.numel() * part.element_size())
+                locs[name] = (start, wf.offset - start)
+            else:
+                kind, members, shp = how
+                start = wf._pad()
+                for m in (members if kind == "stack" else [members]):
+                    t = raw_copy(source, m, v.dtype, shp)
+                    if t is not None:
+                        wf.copy(source.ck.path / t.file, t.offset, t.nbytes)
+                        copied += t.nbytes
+                        prog.advance(t.nbytes)
+                        continue
+                    for part in chunks(source, m, v.dtype, shp):
+                        wf.write(part)
+                        prog.advance(part.numel() * part.element_size())
+                locs[name] = (start, wf.offset - start)
+            if locs[name][1] != nbytes(v):
+                raise ValueError(f"weights: wrote {locs[name][1]} bytes for {name}, the graph wants {nbytes(v)}")
+            prog.advance(0, tensor=True)
+    finally:
+        wf.close()
+    for m in graphs.values():
+        for name, v in m.graph.initializers.items():
+            if name in locs:
+                off, length = locs[name]
+                v.const_value = ir.ExternalTensor(path.name, off, length, v.dtype, shape=v.shape, name=name,
+                                                  base_dir=path.parent)
+    return {"tensors": len(jobs), "bytes": wf.offset, "copied_bytes": copied, "source_bytes": source_bytes,
+            "seconds": prog.seconds}
+
+
+def _real(t) -> bool:
+    """Whether an initializer's value holds data (not a meta/fake placeholder nor a pending external one)."""
+    if t is None or isinstance(t, ir.ExternalTensor):
+        return False
+    raw = getattr(t, "raw", None)
+    return not (isinstance(raw, torch.Tensor) and (raw.is_meta or type(raw).__name__ == "FakeTensor"))
+
+
+# ---- options -------------------------------------------------------------------------------------------------------
+EXPERT_MODES = ("packed", "int8")
+EXPERTS_KEY = "dsv4.experts"  # ir.Model.meta key read by passes/lower_ort.py (the same string as its EXPERTS_KEY)
+
+
+def expert_mode(target: str, weights: str, experts: str | None) -> str | None:
+    """``--experts``: how an ort-cpu artifact stores MXFP4 routed experts. "packed" (default): the checkpoint's
+    bytes, the selected experts dequantised in-graph; "int8": QMoE's lossless int8 blocks (1.5x the bytes). Other
+    targets and float weights: None (the question does not arise). Raises ValueError for a bad combination."""
+    if experts is None:
+        return "packed" if target == "ort-cpu" and weights == "packed" else None
+    if experts not in EXPERT_MODES:
+        raise ValueError(f"--experts: {experts!r} is not one of {', '.join(EXPERT_MODES)}")
+    if target != "ort-cpu" or weights != "packed":
+        raise ValueError(f"--experts: applies to ort-cpu with packed weights (got target {target}, weights {weights})")
+    return experts
+
+
+def with_experts(transform, experts: str | None):
+    """The export's transform with the expert storage stamped on each graph first (read by the ORT lowering)."""
+    if transform is None or experts is None:
+        return transform
+
+    def run(model, graph, target):
+        model.meta[EXPERTS_KEY] = experts
+        return transform(model, graph, target)
+
+    return run
+
+
+def reporter(status, show: bool | None) -> Callable[[str], None]:
+    """Progress text to the stage's spinner, and as lines on stderr when asked for (`show`) without a terminal."""
+    lines = printer(show) if show and not sys.stderr.isatty() else None
+    last = [0.0]
+
+    def report(text: str) -> None:
+        status.update(text)
+        if lines is not None and time.perf_counter() - last[0] >= 5:
+            last[0] = time.perf_counter()
+            lines(text)
+
+    return report
