@@ -38,6 +38,7 @@ from dsv4.models.model import DeepseekV4
 from dsv4.models.state import init_state, state_entries
 
 from . import artifact, custom_ops
+from .layers import trace_by_kind
 from .signature import BATCH, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
 from .static import finalize, static_shapes
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
@@ -299,7 +300,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             graph = graph_key(kind, length)
             t = time.perf_counter()
             with stage(f"trace {graph}"):
-                m = trace(skel, kind, tgt, shapes and shapes["batch"], length)
+                m = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length)  # layers.py
             seconds[f"trace {graph}"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage(f"fold + functions {graph}"):
