@@ -8,6 +8,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from dsv4.fmt import nbytes, print_table
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="official-format checkpoints: make a synthetic one, verify one")
@@ -44,7 +46,7 @@ def run_make(a: argparse.Namespace) -> int:
                           progress=False if a.no_progress else None, sparse=a.sparse)
     files = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
-    con.print(f"wrote {out}: {len(files)} shard(s), {human_bytes(size)}, preset {a.preset}, {args.n_layers} layer(s), "
+    con.print(f"wrote {out}: {len(files)} shard(s), {nbytes(size)}, preset {a.preset}, {args.n_layers} layer(s), "
               f"seed {a.seed}, in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -60,10 +62,10 @@ def run_verify(a: argparse.Namespace) -> int:
     tot.add_column("tensors", justify="right")
     tot.add_column("bytes", justify="right")
     for d, v in rep.totals.items():
-        tot.add_row(d, f"{v['tensors']:,}", human_bytes(v["bytes"]))
+        tot.add_row(d, f"{v['tensors']:,}", nbytes(v["bytes"]))
     tot.add_row("all", f"{sum(v['tensors'] for v in rep.totals.values()):,}",
-                human_bytes(sum(v["bytes"] for v in rep.totals.values())))
-    con.print(tot)
+                nbytes(sum(v["bytes"] for v in rep.totals.values())))
+    print_table(tot, con)
     if rep.ok:
         args = rep.args
         con.print(f"[bold green]OK[/]: matches config.json ({args.n_layers} layers, {args.n_routed_experts} experts "
@@ -75,12 +77,5 @@ def run_verify(a: argparse.Namespace) -> int:
         t.add_column(c, overflow="fold")
     for p in rep.problems:
         t.add_row(p.kind, p.tensor, p.file, p.detail)
-    con.print(t)
+    print_table(t, con)
     return 1
-
-
-def human_bytes(n: int) -> str:
-    for unit, k in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= k:
-            return f"{n / k:,.2f} {unit}"
-    return f"{n} B"

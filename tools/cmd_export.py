@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dsv4.fmt import nbytes, print_table
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from dsv4.export.targets import TARGETS, WEIGHT_MODES
@@ -33,8 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from dsv4.export.export import export_artifact
     from dsv4.export.static import parse_lengths
 
@@ -44,7 +44,7 @@ def run(a: argparse.Namespace) -> int:
                           weights=a.weights, experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
                           overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
                           batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
-    Console().print(summary(res.manifest, res.path))
+    print_table(summary(res.manifest, res.path))
     return 0
 
 
@@ -68,10 +68,10 @@ def summary(man: dict, path) -> object:
     for g, info in man["graphs"].items():
         ops = ", ".join(f"{k}×{v}" for k, v in info["dsv4_nodes"].items())
         secs = man["export_seconds"].get(f"trace {g}", 0) + man["export_seconds"].get(f"fold {g}", 0)
-        t.add_row(g, str(info["nodes"]), ops, str(len(info["functions"])), _size(man["files"][info["file"]]["bytes"]),
+        t.add_row(g, str(info["nodes"]), ops, str(len(info["functions"])), nbytes(man["files"][info["file"]]["bytes"]),
                   f"{secs:.1f} s")
     w = man["files"][man["weights_file"]]["bytes"]
-    t.add_row("weights", "", "", "", _size(w), f"{man['export_seconds'].get('weights', 0):.1f} s")
+    t.add_row("weights", "", "", "", nbytes(w), f"{man['export_seconds'].get('weights', 0):.1f} s")
     return _with_passes(t, man)
 
 
@@ -90,11 +90,3 @@ def _with_passes(table, man: dict):
     for name in dict.fromkeys(k for c in graphs.values() for k in c):
         p.add_row(name, *(", ".join(f"{k} {v}" for k, v in c.get(name, {}).items() if v) or "-" for c in graphs.values()))
     return Group(table, p)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -7,6 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from dsv4.fmt import nbytes, print_table
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="config, parameter counts and state bytes of a preset or checkpoint directory")
@@ -28,6 +30,7 @@ def load_args(path: str | None, preset_name: str | None, **overrides):
 def run(a: argparse.Namespace) -> int:
     import torch
 
+    from dsv4.models.hf_config import official
     from dsv4.models.model import parameter_counts
     from dsv4.models.state import bytes_per_token, compact_bytes_per_token
 
@@ -35,8 +38,9 @@ def run(a: argparse.Namespace) -> int:
     con = Console()
     cfg = Table(title=f"DeepSeek V4 config ({a.preset or a.path})", show_header=False)
     for k, v in args.__dict__.items():
-        cfg.add_row(k, str(v) if not isinstance(v, tuple) or len(v) < 12 else f"{v[:6]} ... ({len(v)} entries)")
-    con.print(cfg)
+        key = official(k) if official(k) == k else f"{official(k)} ({k})"
+        cfg.add_row(key, str(v) if not isinstance(v, tuple) or len(v) < 12 else f"{v[:6]} ... ({len(v)} entries)")
+    print_table(cfg, con)
     n = parameter_counts(args)
     kinds = {r: sum(1 for i in range(args.n_layers) if args.ratio(i) == r) for r in (0, 4, 128)}
     t = Table(title="parameters (counted on the meta device)")
@@ -46,21 +50,21 @@ def run(a: argparse.Namespace) -> int:
     t.add_row("active per token (excl. embedding)", f"{n['active'] / 1e9:.3f} B")
     t.add_row("MTP blocks", f"{n['mtp'] / 1e9:.3f} B")
     t.add_row("layers: window-only / CSA (4) / HCA (128)", f"{kinds[0]} / {kinds[4]} / {kinds[128]}")
-    con.print(t)
+    print_table(t, con)
     s = Table(title=f"decode state (BF16 storage, max_seq_len={args.max_seq_len})")
     s.add_column("layer kind")
     s.add_column("bytes / token", justify="right")
     for k, v in bytes_per_token(args, torch.bfloat16).items():
         s.add_row(k, f"{v:,.1f}")
     s.add_row("paper layout (FP8 KV + MXFP4 index), total", f"{compact_bytes_per_token(args):,.1f}")
-    con.print(s)
+    print_table(s, con)
     from dsv4.models.checkpoint import checkpoint_totals, official_totals
 
     tot = checkpoint_totals(a.path) if a.path else official_totals(args)
     w = Table(title="stored tensors by dtype (" + ("this checkpoint's shard headers)" if a.path else "official format)"))
-    for c in ("dtype", "tensors", "GiB"):
+    for c in ("dtype", "tensors", "bytes"):
         w.add_column(c, justify="left" if c == "dtype" else "right")
     for d, v in [*tot.items(), ("all", {k: sum(x[k] for x in tot.values()) for k in ("tensors", "bytes")})]:
-        w.add_row(d, f"{v['tensors']:,}", f"{v['bytes'] / 2**30:,.3f}")
-    con.print(w)
+        w.add_row(d, f"{v['tensors']:,}", nbytes(v["bytes"]))
+    print_table(w, con)
     return 0

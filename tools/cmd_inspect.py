@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dsv4.fmt import nbytes, print_table
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="what an artifact holds: ops per graph, dsv4 ops, state and weight sizes")
@@ -43,17 +45,17 @@ def run(a: argparse.Namespace) -> int:
             x = a_ops[i] if i < len(a_ops) else ("", "")
             y = b_ops[i] if i < len(b_ops) else ("", "")
             t.add_row(x[0], str(x[1]), y[0], str(y[1]))
-        con.print(t)
-        con.print("dsv4 ops: " + ", ".join(f"{k}×{v}" for k, v in gi["dsv4"].items()))
+        print_table(t, con)
+        print("dsv4 ops: " + ", ".join(f"{k}×{v}" for k, v in gi["dsv4"].items()))
     s = info["state"]
-    con.print(f"state: {s['bytes_per_token']:,.1f} bytes/token (compressed caches at max_seq_len={s['max_seq_len']}) "
-              f"+ {s['fixed_bytes_per_sequence']:,.0f} fixed bytes per sequence, {s['entries']} tensors")
+    print(f"state: {s['bytes_per_token']:,.1f} bytes/token (compressed caches at max_seq_len={s['max_seq_len']}) "
+          f"+ {nbytes(s['fixed_bytes_per_sequence'])} fixed per sequence, {s['entries']} tensors")
     w = Table(title=f"weights ({info['weights']})")
     for c in ("dtype", "tensors", "elements", "bytes"):
         w.add_column(c, justify="right" if c != "dtype" else "left")
     for dt, d in info["weights_by_dtype"].items():
-        w.add_row(dt, str(d["tensors"]), f"{d['elements']:,}", f"{d['bytes']:,}")
-    con.print(w)
+        w.add_row(dt, str(d["tensors"]), f"{d['elements']:,}", nbytes(d["bytes"]))
+    print_table(w, con)
     _device(info)
     return 0
 
@@ -80,7 +82,6 @@ def _layers(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     import onnx_ir as ir
-    from rich.console import Console
     from rich.table import Table
 
     from dsv4.export.artifact import load_manifest
@@ -100,5 +101,5 @@ def _layers(a: argparse.Namespace) -> int:
         moe = ", ".join(f"{k}×{v}" for k, v in r["moe_after"].most_common() if "." in k) or "-"
         t.add_row(layer, f"{b.get('total', 0)} -> {f.get('total', 0)}",
                   *(f"{b.get(p, 0)} -> {f.get(p, 0)}" for p in PARTS), moe)
-    Console().print(t)
+    print_table(t)
     return 0
