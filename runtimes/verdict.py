@@ -52,13 +52,18 @@ TOLERANCES: dict[tuple[str, bool], Tolerance] = {
                                  "against noise twins of the eager model (+-1 ulp per linear/norm/layer output)", top1_slack=0.08,
                                  greedy_slack=0.2, noise_factor=4.0, share_factor=2.0, share_slack=0.05),
     # fp16 activations (the ascend target's graphs vs the eager model in fp16): judged like fp32 + quant_sim, against
-    # noise twins moved by +-1 fp16 ulp (2^-10) per linear / norm / layer output. docs/ascend.md has the measurements.
-    ("float16", True): Tolerance(1e-2, 1e-2, 1.0, 0.5, 0.5, "fp16 (+ quant_sim): per position against noise twins of "
+    # noise twins moved by +-1 fp16 ulp (2^-10) per linear / norm / layer output. Measured on tiny (200-token prompt
+    # in a 256 bucket, 32-64 steps), artifact p50 / twins' p50 of |dlogits|: with the simulation 0.237/0.278 (prefill)
+    # and 0.206/0.254 (decode) -- FP8 rounding flips in fp16 dominate, 1% weight edits stay inside that noise; without
+    # it 0.0045/0.0124 and 0.0039/0.0094 (a 1% kv_norm edit: prefill p50 0.0164, 1.3x the twins). The worst honest
+    # state row needs 0.97x its twins without the simulation (prefill.2.kv) and 1.7x with it (decode.3.kv p90):
+    # factors 1.5 and 2.5. docs/ascend.md.
+    ("float16", True): Tolerance(1e-2, 1e-2, 1.0, 0.5, 0.5, "fp16 + quant_sim: per position against noise twins of "
                                  "the eager fp16 model (+-1 fp16 ulp per linear/norm/layer output)", top1_slack=0.1,
-                                 greedy_slack=0.25, noise_factor=4.0, share_factor=2.0, share_slack=0.05),
-    ("float16", False): Tolerance(1e-2, 1e-2, 1.0, 0.5, 0.5, "fp16: per position against noise twins of the eager fp16 "
+                                 greedy_slack=0.25, noise_factor=2.5, share_factor=2.0, share_slack=0.05),
+    ("float16", False): Tolerance(1e-3, 1e-3, 1.0, 0.5, 0.5, "fp16: per position against noise twins of the eager fp16 "
                                   "model (+-1 fp16 ulp per linear/norm/layer output)", top1_slack=0.1,
-                                  greedy_slack=0.25, noise_factor=4.0, share_factor=2.0, share_slack=0.05),
+                                  greedy_slack=0.25, noise_factor=1.5, share_factor=2.0, share_slack=0.05),
 }
 
 

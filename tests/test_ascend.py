@@ -203,3 +203,58 @@ def test_ascend_generator_refuses_what_its_static_shapes_cannot_hold(tiny_artifa
         gen.prefill(np.zeros((1, 257), dtype=np.int64))
     with pytest.raises(ValueError, match="static batch of 1, got 2"):
         gen.prefill(np.zeros((2, 10), dtype=np.int64))
+
+
+@pytest.mark.slow  # two tiny exports (float16: 2 buckets + decode) and the calibrated fp16 parity: ~8 min of CPU
+def test_ascend_float16_default_parity_and_lint(tiny_checkpoint, tmp_path):
+    """The default ascend artifact (float16, quant_sim on, buckets 128 and 256): lint clean, and `dsv4 parity` on a
+    200-token prompt (56 tokens of padding) passes the fp16 verdict (calibrated against 1-fp16-ulp noise twins)."""
+    from dsv4.export.export import export_artifact
+    from dsv4.passes.lint import lint_artifact
+    from dsv4.passes.pipeline import run
+    from dsv4.runtimes.parity import plain_lines, run_parity
+
+    art = export_artifact(tmp_path / "a16", checkpoint=tiny_checkpoint, target="ascend", max_seq_len=1024,
+                          prefill_lengths=(128, 256), transform=lambda m, g, t: run(m, t.name), progress=False).path
+    assert lint_artifact(art).violations == []
+    rep = run_parity(art, steps=32, prompt_len=200, threads=1)
+    assert rep.tolerance_key == ["float16", True] and rep.ok, "\n".join(plain_lines(rep))
+
+
+@pytest.mark.slow  # the small preset's ascend export: ~10 min of CPU
+def test_small_ascend_artifact_lints_clean(tmp_path):
+    from dsv4.export.export import export_artifact
+    from dsv4.passes.lint import lint_artifact
+    from dsv4.passes.pipeline import run
+
+    art = export_artifact(tmp_path / "small", preset="small", target="ascend", prefill_lengths=(128, 512),
+                          transform=lambda m, g, t: run(m, t.name), progress=False).path
+    rep = lint_artifact(art)
+    assert rep.violations == [], "\n".join(v.line() for v in rep.violations[:20])
+
+
+# ---- on Ascend hardware only -----------------------------------------------------------------------------------------
+def test_cann_ep_runs_the_artifact_like_the_cpu(tiny_artifact_ascend, tiny_eager_f32):
+    if "CANNExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-cann with a CANN toolkit and an Ascend NPU (absent here)")
+    from dsv4.runtimes.parity import plain_lines, run_parity
+
+    rep = run_parity(tiny_artifact_ascend, model=tiny_eager_f32, steps=8, prompt_len=200,
+                     providers=["CANNExecutionProvider", "CPUExecutionProvider"])
+    assert rep.ok, "\n".join(plain_lines(rep))
+
+
+def test_atc_compiles_every_graph(tiny_artifact_ascend, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("atc") is None:
+        pytest.skip("needs CANN's atc on PATH (the CANN toolkit is absent here)")
+    from dsv4.export.artifact import load_manifest
+
+    man = load_manifest(tiny_artifact_ascend)
+    for f in man["files"]:  # atc writes its .om files beside the model: run in a directory of links, not the artifact
+        (tmp_path / f).symlink_to(tiny_artifact_ascend / f)
+    for key, cmd in man["ascend"]["atc"].items():
+        r = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+        assert r.returncode == 0, f"{key}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
