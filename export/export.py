@@ -317,7 +317,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             t = time.perf_counter()
             with stage("weights") as status:
                 written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
-                                       bf16=experts is not None, report=reporter(status, progress))
+                                       bf16=experts is not None and transform is not None,  # not raw graphs
+                                       report=reporter(status, progress))
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage("save + check"):
