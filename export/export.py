@@ -330,8 +330,10 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
             seconds["save"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
+            t = time.perf_counter()
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
                                                WEIGHTS_FILE, shapes)
+            manifest["export_seconds"]["manifest (sha256)"] = round(time.perf_counter() - t, 2)
             manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)
     return ExportResult(out, manifest, seconds)
