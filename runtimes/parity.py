@@ -128,6 +128,10 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
     show stages on stderr (None: when stderr is a terminal)."""
     man = load_manifest(art, verify=verify)
     key, tol = tolerance_for(man)
+    static = man.get("static")
+    if static and reference is None and (prompt_len > static["prefill_lengths"][-1] or batch != static["batch"]):
+        raise ValueError(f"parity: the artifact's graphs are static (batch {static['batch']}, prefill buckets "
+                         f"{static['prefill_lengths']}); got --batch {batch} --prompt-len {prompt_len}")
     if per_layer and backend != "ort":
         raise ValueError("parity: --per-layer taps the shipped ONNX graphs' layer outputs, with the ort backend only")
     with stage_printer(progress) as stage:

@@ -258,3 +258,10 @@ def test_atc_compiles_every_graph(tiny_artifact_ascend, tmp_path):
     for key, cmd in man["ascend"]["atc"].items():
         r = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
         assert r.returncode == 0, f"{key}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+
+
+def test_parity_refuses_a_prompt_the_static_graphs_cannot_take_before_any_work(tiny_artifact_ascend):
+    from dsv4.runtimes.parity import run_parity
+
+    with pytest.raises(ValueError, match=r"static \(batch 1, prefill buckets \[256\]\); got --batch 1 --prompt-len 300"):
+        run_parity(tiny_artifact_ascend, steps=2, prompt_len=300)
