@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ import onnx_ir as ir
 from dsv4.models.checkpoint_io import writing_dir
 
 from . import custom_ops
+from .manifest_check import check_graphs, check_schema
+from .package import package
 from .signature import signature, state_layout
 from .static import device_section
 from .targets import Target
@@ -39,11 +42,49 @@ class ArtifactError(ValueError):
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
+OWNER = ".dsv4-writer"  # in a temporary directory while it is written: {"pid", "host"} of the writer
+
+
 @contextlib.contextmanager
 def writing(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success move it to `out` (replacing an old one only now)."""
-    with writing_dir(Path(out), overwrite) as tmp:
+    """Yield a temporary sibling directory; on success move it to `out` (replacing an old one only now). The
+    temporaries that an interrupted (e.g. SIGKILLed) writer left in the same parent are removed first."""
+    out = Path(out)
+    clean_stale(out.parent)
+    with writing_dir(out, overwrite) as tmp:
+        (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         yield tmp
+        (tmp / OWNER).unlink(missing_ok=True)
+
+
+def clean_stale(parent: Path) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` directories in `parent` whose writer (its OWNER file: pid on this host) is gone;
+    a directory without that file, or whose writer still runs, is left alone. Returns what was removed."""
+    import shutil
+
+    gone = []
+    for d in parent.glob(".*.tmp-*") if parent.is_dir() else ():
+        try:
+            owner = json.loads((d / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", 0))):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -71,6 +112,8 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
+    # config.json, tokenizer and generation files copied in, graphs stamped; before the files are hashed
+    pkg = package(root, args, source, weights, target.name, [f"{name}.onnx" for name in graphs])
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     graph_info = {}
     for name, m in graphs.items():
@@ -86,18 +129,18 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
             "pass_counts": counts.get(name, {}),
         }
     files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, OWNER)}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target.name, "opset": target.opset, "domain": {"dsv4": custom_ops.DOMAIN_VERSION},
         "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,
-        "source": source, "config": config, "graphs": graph_info,
+        "source": pkg.pop("source"), "config": config, "graphs": graph_info,
         "state": state_layout(args, dtype, shapes and shapes["batch"]),
         "static": shapes,
         **({"ascend": device_section(graph_info, shapes)} if target.name == "ascend" else {}),
         "dsv4_ops": sorted({op for g in graph_info.values() for op in g["dsv4_nodes"]}),
-        "tokenizer": "tokenizer.json" if (root / "tokenizer.json").is_file() else None,
+        **pkg,  # tokenizer, config_json, shipped, generation, onnxruntime (export/package.py)
         "export_seconds": {k: round(v, 2) for k, v in seconds.items()},
         "files": files, "versions": versions(),
     }
@@ -119,9 +162,10 @@ def load_manifest(art: str | Path, verify: bool = True) -> dict:
         man = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e})") from e
-    if man.get("format") != FORMAT or man.get("format_version") != FORMAT_VERSION:
+    if isinstance(man, dict) and (man.get("format") != FORMAT or man.get("format_version") != FORMAT_VERSION):
         raise ArtifactError(f"{mpath}: format {man.get('format')!r} v{man.get('format_version')}, "
                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    check_schema(mpath, man)
     for rel, info in man["files"].items():
         p = _inside(root, rel, MANIFEST)
         if not p.is_file():
@@ -130,8 +174,12 @@ def load_manifest(art: str | Path, verify: bool = True) -> dict:
             raise ArtifactError(f"{p}: {p.stat().st_size} bytes, the manifest says {info['bytes']} (hash mismatch)")
         if verify and sha256(p) != info["sha256"]:
             raise ArtifactError(f"{p}: sha256 hash mismatch with {MANIFEST}; the file was modified or corrupted")
-    for info in man["graphs"].values():
-        check_external_data(root, info["file"], set(man["files"]))
+    models = {}
+    for g, info in man["graphs"].items():
+        if info["file"] not in man["files"]:
+            raise ArtifactError(f"{mpath}: graphs[{g!r}].file {info['file']!r} is not listed in 'files'")
+        models[g] = check_external_data(root, info["file"], set(man["files"]))
+    check_graphs(root, mpath, man, models)
     return man
 
 
@@ -143,9 +191,13 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return root / pp
 
 
-def check_external_data(root: Path, graph_file: str, listed: set[str]) -> None:
-    """Every external-data location of `graph_file` must be a listed file inside the artifact (no '..')."""
-    m = onnx.load(str(_inside(root, graph_file, MANIFEST)), load_external_data=False)
+def check_external_data(root: Path, graph_file: str, listed: set[str]) -> onnx.ModelProto:
+    """Every external-data location of `graph_file` must be a listed file inside the artifact (no '..'); returns the
+    graph (its weights not loaded)."""
+    try:
+        m = onnx.load(str(_inside(root, graph_file, MANIFEST)), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, OSError, ...: one line naming the file
+        raise ArtifactError(f"{root / graph_file}: not a readable ONNX model ({e})") from None
     tensors = list(m.graph.initializer)
     for node in m.graph.node:
         tensors += [a.t for a in node.attribute if a.HasField("t")]
@@ -157,6 +209,7 @@ def check_external_data(root: Path, graph_file: str, listed: set[str]) -> None:
         if loc not in listed:
             raise ArtifactError(f"{root / graph_file}: initializer {t.name} points at {loc!r}, which is not a "
                                 f"file of the artifact")
+    return m
 
 
 # ---- progress --------------------------------------------------------------------------------------------------
@@ -180,25 +233,31 @@ def stage_printer(show: bool | None):
         yield quiet
         return
     from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
 
     @contextlib.contextmanager
     def stage(name: str):
         t = time.perf_counter()
-        with console.status(f"[bold]{name}[/] ...") as status:
-            yield _Status(status, name)
-        console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t:.1f} s)[/]")
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console,
+                      transient=True) as prog:  # the elapsed time ticks while the stage runs
+            task = prog.add_task(escape(name), total=None)
+            yield _Status(prog, task, name)
+        console.print(f"[green]✓[/] {escape(name)} [dim]({time.perf_counter() - t:.1f} s)[/]")
 
     yield stage
 
 
 class _Status:
-    def __init__(self, status, name: str):
-        self.status, self.name = status, name
+    def __init__(self, prog, task, name: str):
+        self.prog, self.task, self.name = prog, task, name
 
     def update(self, text: str) -> None:
-        self.status.update(f"[bold]{self.name}[/] {text}")
+        from rich.markup import escape
+
+        self.prog.update(self.task, description=f"{escape(self.name)} {escape(text)}")
 
 
 # ---- inspection ----------------------------------------------------------------------------------------------

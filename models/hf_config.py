@@ -3,7 +3,7 @@
 Every message names the key as ``config.json`` spells it (``hidden_size``, ``rope_scaling.factor``), because that
 is the file a user edits. Values are type-checked, never coerced: ``hidden_size: 128.7`` is an error, not 128.
 Keys that every released V4 config carries (SPEC §1.1) are required; only keys that the releases do not all carry
-(``expert_dtype``) have a default. docs/model.md, "config.json".
+(``expert_dtype``) have a default. docs/usability.md.
 """
 
 from __future__ import annotations

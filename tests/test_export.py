@@ -179,7 +179,8 @@ def test_packed_weights_stay_packed_in_one_shared_file(tiny_artifact, tiny_args)
 
 def test_manifest_records_files_versions_and_ops(tiny_artifact):
     man = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert set(man["files"]) == {"prefill.onnx", "decode.onnx", "weights.data", "tokenizer.json"}  # shipped by ckpt
+    assert set(man["files"]) == {"prefill.onnx", "decode.onnx", "weights.data", "tokenizer.json",  # shipped by ckpt
+                                 "config.json"}
     assert man["tokenizer"] == "tokenizer.json"
     for rel, info in man["files"].items():
         assert artifact.sha256(tiny_artifact / rel) == info["sha256"]

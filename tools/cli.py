@@ -13,7 +13,10 @@ COMMANDS = ("cmd_info", "cmd_demo", "cmd_checkpoint", "cmd_export", "cmd_generat
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import dsv4
+
     p = argparse.ArgumentParser(prog="dsv4", description="DeepSeek V4: checkpoint -> verified ONNX/TVM artifacts")
+    p.add_argument("--version", action="version", version=f"dsv4 {dsv4.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -32,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as e:  # user errors: one clear line, no traceback
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        # one line, never wrapped (soft_wrap), and the message's brackets ("dims ['batch', 1]") are not markup
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
 
 

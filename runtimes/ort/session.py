@@ -48,10 +48,20 @@ def session_options(manifest: dict, optimization: str = "all", threads: int | No
     so.graph_optimization_level = OPTIMIZATION[optimization]
     if threads is not None:
         so.intra_op_num_threads = threads
+    settings = ort_settings(manifest)
+    for k, v in settings.get("session_config_entries", {}).items():
+        so.add_session_config_entry(k, str(v))
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3
-    disabled = ["ConstantFolding"] if manifest["weights"] == "packed" else []
-    return so, disabled
+    return so, list(settings["disabled_optimizers"])
+
+
+def ort_settings(manifest: dict) -> dict:
+    """The manifest's ``onnxruntime`` section (export/package.py); artifacts written before it: the same rules."""
+    if manifest.get("onnxruntime"):
+        return manifest["onnxruntime"]
+    return {"disabled_optimizers": ["ConstantFolding"] if manifest["weights"] == "packed" else [],
+            "session_config_entries": {}, "environment": {"ORT_QMOE_CPU_QNBIT_GEMM": "fp32"}}
 
 
 TAP = "layer{}.streams"  # graph output name of a decoder layer's output streams in a tapped copy
@@ -109,9 +119,11 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
     art = Path(art)
     man = load_manifest(art, verify=verify)
     provs = providers_for(man["target"], providers)
-    # QMoE (passes/lower_ort.py: MXFP4 experts as int8 blocks of 32) is exact only on ORT's dequantise + fp32 GEMM
-    # path; by default its CPU kernel quantises the activations to int8 (rel. error 1e-2). Read at session creation.
-    os.environ.setdefault("ORT_QMOE_CPU_QNBIT_GEMM", "fp32")
+    # the environment the artifact's kernels are exact under, e.g. QMoE (passes/lower_ort.py: MXFP4 experts as int8
+    # blocks of 32) only on ORT's dequantise + fp32 GEMM path; by default its CPU kernel quantises the activations to
+    # int8 (rel. error 1e-2). Read at session creation; a value the user set wins.
+    for k, v in ort_settings(man).get("environment", {}).items():
+        os.environ.setdefault(k, str(v))
     so, disabled = session_options(man, optimization, threads, spinning)
     models: dict = {g: str(art / info["file"]) for g, info in man["graphs"].items()}
     if layer_taps:  # in-memory graphs read their external weights from the artifact directory

@@ -1,0 +1,60 @@
+"""export/artifact.py writing: stale temporaries of a killed writer are cleaned; progress; the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dsv4.export.artifact import OWNER, clean_stale, stage_printer, writing
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_a_killed_writer_are_cleaned(tmp_path):
+    host = socket.gethostname()
+    stale, live, foreign = tmp_path / ".art.tmp-abc", tmp_path / ".art.tmp-def", tmp_path / ".other.tmp-x"
+    for d, pid in ((stale, _dead_pid()), (live, os.getpid())):
+        d.mkdir()
+        (d / "weights.data").write_bytes(b"half")
+        (d / OWNER).write_text(json.dumps({"pid": pid, "host": host}))
+    foreign.mkdir()  # no owner file: not ours to remove
+    with writing(tmp_path / "new") as tmp:
+        (tmp / "f").write_text("x")
+        assert (tmp / OWNER).is_file()
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["f"]  # the owner file does not ship
+    assert clean_stale(tmp_path) == []
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), writing(tmp_path / "a"):
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_printer_reports_elapsed_time(capsys):
+    with stage_printer(True) as stage, stage("trace [decode]") as st:
+        st.update("step 3/64 [x]")  # brackets are text, not markup
+    assert "✓ trace [decode] (" in capsys.readouterr().err
+
+
+def test_version_and_one_line_errors(capsys):
+    import dsv4
+    from dsv4.tools.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"dsv4 {dsv4.__version__}"
+    long = "x" * 300
+    assert main(["inspect", f"/nonexistent/{long}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and long in err  # not wrapped at 80 columns

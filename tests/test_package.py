@@ -1,0 +1,58 @@
+"""export/package.py: an artifact carries config.json, tokenizer, generation defaults, ORT settings, its identity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+
+from dsv4.export.artifact import load_manifest
+from dsv4.export.package import checkpoint_identity, generation
+from dsv4.models import preset
+
+
+def test_artifact_is_a_complete_package(tiny_artifact, tiny_checkpoint):
+    man = load_manifest(tiny_artifact)
+    for f in ("config.json", "tokenizer.json"):
+        assert (tiny_artifact / f).read_bytes() == (tiny_checkpoint / f).read_bytes() and f in man["files"]
+    assert man["config_json"] == "config.json" and man["tokenizer"] == "tokenizer.json"
+    assert man["generation"] == {"bos_token_id": 0, "eos_token_id": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    assert man["onnxruntime"]["disabled_optimizers"] == ["ConstantFolding"]  # packed weights stay packed
+    assert man["onnxruntime"]["environment"] == {"ORT_QMOE_CPU_QNBIT_GEMM": "fp32"}
+    assert man["source"]["identity"] == checkpoint_identity(tiny_checkpoint)
+    for g, info in man["graphs"].items():
+        props = {p.key: p.value for p in onnx.load(str(tiny_artifact / info["file"]), load_external_data=False)
+                 .metadata_props}
+        assert props["dsv4.graph"] == g and props["dsv4.target"] == "ort-cpu" and props["dsv4.weights"] == "packed"
+        assert json.loads(props["dsv4.source"])["identity"]["sha256"] == man["source"]["identity"]["sha256"]
+
+
+def test_identity_is_the_checkpoint_not_its_path(tiny_checkpoint, tmp_path):
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for f in ("model.safetensors.index.json", "config.json"):
+        shutil.copy(tiny_checkpoint / f, moved / f)
+    assert checkpoint_identity(moved) == checkpoint_identity(tiny_checkpoint)
+    cfg = json.loads((moved / "config.json").read_text()) | {"swiglu_limit": 7.0}
+    (moved / "config.json").write_text(json.dumps(cfg))
+    assert checkpoint_identity(moved)["sha256"] != checkpoint_identity(tiny_checkpoint)["sha256"]
+
+
+def test_generation_defaults_from_generation_config(tmp_path):
+    args = preset("tiny")
+    assert generation(args, tmp_path)["temperature"] == 0.0
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "eos_token_id": 7,
+                                                                 "do_sample": True}))
+    assert generation(args, tmp_path) == {"bos_token_id": 0, "eos_token_id": 7, "temperature": 0.6, "top_p": 0.95,
+                                          "top_k": 0}
+
+
+def test_sessions_follow_the_manifest_settings(tiny_artifact):
+    from dsv4.runtimes.ort import session_options
+
+    man = load_manifest(tiny_artifact, verify=False)
+    assert session_options(man)[1] == ["ConstantFolding"]
+    assert session_options(man | {"onnxruntime": dict(man["onnxruntime"], disabled_optimizers=[])})[1] == []
+    old = {k: v for k, v in man.items() if k != "onnxruntime"}  # an artifact written before the section
+    assert session_options(old)[1] == ["ConstantFolding"]
