@@ -8,6 +8,8 @@ sampling, so the ORT and TVM generators behave identically.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,16 +20,20 @@ class CapacityError(ValueError):
 
 
 class Generator:
-    """``prefill(ids)``, ``step(ids)``, ``generate(ids, max_new_tokens, temperature=0, top_p=1, seed=None)``.
+    """``prefill(ids)``, ``step(ids)``, ``generate(prompts, max_new_tokens, temperature=0, top_p=1, top_k=0, seed=None,
+    stop=None)``.
 
     Subclasses set ``vocab_size`` and ``max_seq_len`` and implement ``_run_prefill`` / ``_run_decode``.
     """
 
     vocab_size: int
     max_seq_len: int
+    eos_token_id: int | None = None  # generate stops a sequence here (the artifact's generation defaults)
+    fixed_batch: int | None = None  # a static-shape artifact's batch: no ragged prompts, finished rows stay
 
     def __init__(self) -> None:
         self.state: dict[str, np.ndarray] | None = None
+        self.stats: dict[str, float] = {}
 
     # ---- the runtime's part ---------------------------------------------------------------------------------
     def _run_prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -101,33 +107,123 @@ class Generator:
                                 "positions")
         return self._run_decode(a, state)
 
-    def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> Iterator[np.ndarray]:
-        """Prefill `ids`, then yield the next token of every sequence ([batch] int64), `max_new_tokens` times.
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop=None, ignore_eos: bool = False) -> Iterator[np.ndarray]:
+        """Prefill `prompts`, then yield the next token of every sequence ([batch] int64), up to `max_new_tokens` times.
 
-        temperature 0 is greedy (argmax, lowest id on ties); otherwise sampling from softmax(logits / T)
-        restricted to the smallest set of tokens whose probability reaches `top_p`, seeded by `seed`.
-        Raises CapacityError, after yielding what fit, when max_seq_len is reached.
+        prompts: ids [batch, length], one list of ids, or a list of id lists of different lengths (each sequence
+        then gets exactly the tokens of its solo run: the prompts of one length are prefilled together and the
+        per-row states stacked; decode runs the batch with a position per sequence). A sequence stops after it
+        yields ``eos_token_id`` (unless `ignore_eos`) or any id in `stop`; from then on its entry is -1, and the
+        loop ends when every sequence has stopped. Finished rows leave the batch: afterwards ``state`` holds the
+        sequences still running. ``stats`` holds the prefill and decode token counts and seconds.
+
+        temperature 0 is greedy (argmax, lowest id on ties); otherwise sampling from softmax(logits / T) restricted
+        to the `top_k` most likely tokens (0: all) and then to the smallest set whose probability reaches `top_p`,
+        seeded by `seed`. Raises CapacityError, after yielding what fit, when max_seq_len is reached.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        rows = self._prompts(prompts)
+        stops = {int(s) for s in (stop or ())} | (set() if ignore_eos or self.eos_token_id is None
+                                                   else {int(self.eos_token_id)})
+        return self._generate(rows, max_new_tokens, temperature, top_p, top_k, seed, stops)
+
+    def _prompts(self, prompts) -> list[np.ndarray]:
+        if not isinstance(prompts, (list, tuple)) or (prompts and all(np.isscalar(t) for t in prompts)):
+            return list(self._ids(prompts, "prefill"))  # an array [batch, length] (or [length]), or one id list
+        if not prompts:
+            raise ValueError("prompts: expected ids [batch, length] or a non-empty list of id lists, got []")
+        rows = []
+        for i, p in enumerate(prompts):
+            if np.ndim(p) != 1 or len(p) == 0:
+                raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids, got shape {list(np.shape(p))}")
+            rows.append(self._ids(np.asarray(p)[None], f"prompts[{i}]")[0])
+        if len({len(r) for r in rows}) > 1 and self.fixed_batch:
+            raise ValueError(f"prompts: this artifact has a static batch of {self.fixed_batch}; prompts of different "
+                             f"lengths ({sorted({len(r) for r in rows})}) need a dynamic-shape artifact")
+        return rows
+
+    def _prefill_rows(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Prefill `rows` (ids of any lengths), grouping equal lengths; state rows end in the order of `rows`."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(len(r), []).append(i)
+        if len(groups) == 1:
+            return self.prefill(np.stack(rows))[:, -1]
+        last, states, order = [], [], []
+        for _, idx in sorted(groups.items()):
+            last.append(self.prefill(np.stack([rows[i] for i in idx]))[:, -1])
+            states.append({n: np.asarray(self.state[n]) for n in self.state})
+            order += idx
+        inv = np.argsort(order, kind="stable")
+        self.state = {n: np.concatenate([s[n] for s in states])[inv] for n in states[0]}
+        return np.concatenate(last)[inv]
+
+    def _generate(self, rows, max_new_tokens, temperature, top_p, top_k, seed, stops) -> Iterator[np.ndarray]:
         rng = np.random.default_rng(seed)
-        logits = self.prefill(ids)[:, -1]
+        B = len(rows)
+        self.stats = {"prefill_tokens": sum(len(r) for r in rows), "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        t = time.perf_counter()
+        logits = self._prefill_rows(rows)
+        self.stats["prefill_s"] = time.perf_counter() - t
+        active = np.arange(B)  # rows of the batch still running, in the order of the state's rows
+        finished = np.zeros(B, dtype=bool)  # per state row; only a static batch keeps finished rows
+        stop_ids = np.array(sorted(stops), dtype=np.int64)
         for k in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, rng)
-            yield tok
-            if k + 1 == max_new_tokens:
+            tok = sample(logits, temperature, top_p, rng, top_k)
+            out = np.full(B, -1, dtype=np.int64)
+            out[active[~finished]] = tok[~finished]
+            yield out
+            finished = finished | np.isin(tok, stop_ids)
+            if k + 1 == max_new_tokens or finished.all():
                 return
-            if int(self.state["pos"].max()) + 1 > self.max_seq_len:
+            if finished.any() and not self.fixed_batch:  # finished rows leave the batch
+                keep = ~finished
+                self.state = {n: np.asarray(self.state[n])[keep] for n in self.state}
+                active, tok, finished = active[keep], tok[keep], finished[keep]
+            held = int(np.asarray(self.state["pos"]).max())
+            if held + 1 > self.max_seq_len:
                 raise CapacityError(f"generate: stopped after {k + 1} of {max_new_tokens} new tokens: the "
-                                    f"sequences hold {int(self.state['pos'].max())} positions = max_seq_len")
+                                    f"sequences hold {held} positions = max_seq_len")
+            t = time.perf_counter()
             logits = self.step(tok)[:, -1]
+            self.stats["decode_s"] += time.perf_counter() - t
+            self.stats["decode_tokens"] += len(tok)
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row of `logits` [batch, vocab]: greedy when temperature == 0, else nucleus sampling."""
+def generation_defaults(manifest: dict) -> dict:
+    """The artifact's generation defaults (manifest ``generation``; older artifacts: the config's token ids)."""
+    cfg = manifest.get("config", {})
+    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"), "temperature": 0.0,
+           "top_p": 1.0, "top_k": 0}
+    return gen | (manifest.get("generation") or {})
+
+
+def check_sampling(max_new_tokens, temperature, top_p, top_k=0, seed=None, stop=None, flag: bool = False) -> None:
+    """The arguments of ``generate``, checked before any work; ValueError naming the argument (as a command-line
+    flag, ``--top-p``, when `flag`)."""
+    def name(a: str) -> str:
+        return "--" + a.replace("_", "-") if flag else a
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"{name('max_new_tokens')}: must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{name('temperature')}: must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails the comparison
+        raise ValueError(f"{name('top_p')}: must be in (0, 1], got {top_p!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"{name('top_k')}: must be an integer >= 0 (0: no limit), got {top_k!r}")
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise ValueError(f"{name('seed')}: must be an integer >= 0, got {seed!r}")
+    if stop is not None and (isinstance(stop, (str, bytes)) or not all(is_int(s) and s >= 0 for s in stop)):
+        raise ValueError(f"{name('stop')}: must be token ids (integers >= 0), got {stop!r}")
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator, top_k: int = 0) -> np.ndarray:
+    """Next token per row of `logits` [batch, vocab]: greedy when temperature == 0, else top-k then nucleus sampling."""
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(-1).astype(np.int64)
@@ -137,7 +233,9 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     out = np.empty(p.shape[0], dtype=np.int64)
     for b, row in enumerate(p):
         order = np.argsort(-row, kind="stable")
-        cum = np.cumsum(row[order])
+        if top_k:
+            order = order[:top_k]
+        cum = np.cumsum(row[order]) / row[order].sum()
         keep = order[: int(np.searchsorted(cum, top_p) + 1)]
         q = row[keep] / row[keep].sum()
         out[b] = keep[rng.choice(len(keep), p=q)]

@@ -20,7 +20,7 @@ def gen_f32(tiny_artifact_f32):
 def test_generate_matches_eager_greedy_batch2(gen_f32, tiny_eager_f32):
     """Batch 2, greedy: the tokens the artifact yields one by one equal the eager model's greedy tokens."""
     ids = torch.randint(0, 512, (2, 23), generator=torch.Generator().manual_seed(3))
-    got = np.stack(list(gen_f32.generate(ids.numpy(), 12)), 1)
+    got = np.stack(list(gen_f32.generate(ids.numpy(), 12, ignore_eos=True)), 1)
     want, st = [], None
     with torch.no_grad():
         logits, st = tiny_eager_f32(ids)
@@ -63,7 +63,7 @@ def test_generate_past_max_seq_len_says_how_far_it_got(gen_f32):
     ids = np.ones((1, 1020), dtype=np.int64)
     toks = []
     with pytest.raises(CapacityError, match=r"stopped after 5 of 10 new tokens.*1024 positions"):
-        for t in g.generate(ids, 10):
+        for t in g.generate(ids, 10, ignore_eos=True):
             toks.append(t)
     assert len(toks) == 5  # 1 from the prefill logits + 4 decode steps filling positions 1020..1023
     with pytest.raises(CapacityError, match="max_seq_len=1024 reached"):
@@ -107,8 +107,8 @@ def test_generate_prompt_text_through_the_shipped_tokenizer(tiny_artifact_f32, c
 
     man = load_manifest(tiny_artifact_f32)
     assert man["tokenizer"] == "tokenizer.json" and "tokenizer.json" in man["files"]
-    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "4"]) == 0
-    want = " ".join(f"w{line.strip()}" for line in capsys.readouterr().out.strip().splitlines())
+    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "5,17,300", "--max-new-tokens", "4", "--ids"]) == 0
+    want = " ".join(f"w{i}" for i in capsys.readouterr().out.split())
     assert main(["generate", str(tiny_artifact_f32), "--prompt", "w5 w17  w300", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == want
 
@@ -130,14 +130,18 @@ def test_missing_provider_is_a_clear_error(tiny_artifact):
 
 
 def test_generate_and_inspect_commands(tiny_artifact_f32, capsys):
-    """``dsv4 generate`` prints one line of batch tokens per step; ``dsv4 inspect --json`` the op histograms."""
+    """``dsv4 generate --ids`` prints one line of ids per sequence, then the rates on stderr; ``dsv4 inspect --json``
+    the op histograms."""
     import json
 
     from dsv4.tools.cli import main
 
-    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,3;4,5,6", "--max-new-tokens", "3"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and all(len(line.split()) == 2 for line in lines)
+    assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,3;4,5,6,7", "--max-new-tokens", "3", "--ids",
+                 "--ignore-eos"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2 and all(len(line.split()) == 3 for line in lines)
+    assert "prefill: 7 tokens" in out.err and "decode: 4 tokens" in out.err and "tokens/s" in out.err
     assert main(["generate", str(tiny_artifact_f32), "--prompt", "   "]) == 2
     assert "no ids" in capsys.readouterr().err
     assert main(["generate", str(tiny_artifact_f32), "--prompt-ids", "1,2,999", "--max-new-tokens", "1"]) == 2

@@ -179,7 +179,7 @@ def test_generator_batch_and_errors(tiny_tvm_llvm, tiny_artifact_tvm, tiny_eager
 
     gen = Generator(tiny_artifact_tvm, compiled=tiny_tvm_llvm, verify=False)
     ids = torch.randint(0, gen.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
-    toks = np.stack(list(gen.generate(ids.numpy(), 6)), 1)
+    toks = np.stack(list(gen.generate(ids.numpy(), 6, ignore_eos=True)), 1)
     with torch.no_grad():
         ref, _ = tiny_eager_f32.greedy(ids, 6)
     np.testing.assert_array_equal(toks, ref[:, -6:].numpy())
@@ -194,7 +194,8 @@ def test_generate_command_with_tvm_backend(tiny_tvm_llvm, tiny_artifact_tvm, cap
     """``dsv4 generate ART --backend tvm --compiled DIR`` prints the same greedy tokens as ONNX Runtime."""
     from dsv4.tools.cli import main
 
-    args = ["generate", str(tiny_artifact_tvm), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "5"]
+    args = ["generate", str(tiny_artifact_tvm), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "5", "--ids",
+            "--ignore-eos"]
     assert main(args + ["--backend", "tvm", "--compiled", str(tiny_tvm_llvm)]) == 0
     tvm_out = capsys.readouterr().out.split()
     assert main(args) == 0

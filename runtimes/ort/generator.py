@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dsv4.export.signature import INPUT_IDS, LENGTHS, graph_key, past, present
-from dsv4.runtimes.base import CapacityError
+from dsv4.runtimes.base import CapacityError, generation_defaults
 from dsv4.runtimes.base import Generator as _Base
 
 from .session import load_sessions
@@ -35,6 +35,8 @@ class Generator(_Base):
         self.providers = self.sessions["decode"].get_providers()
         # static artifacts (ascend): fixed batch, prefill buckets; a prompt is right-padded up to the next bucket
         self.static = self.manifest.get("static")
+        self.fixed_batch = self.static["batch"] if self.static else None
+        self.eos_token_id = generation_defaults(self.manifest)["eos_token_id"]
 
     def _state(self, outputs: list[np.ndarray], session) -> dict[str, np.ndarray]:
         by_name = dict(zip((o.name for o in session.get_outputs()), outputs))

@@ -18,6 +18,7 @@ import tvm
 from dsv4.export.artifact import load_manifest
 from dsv4.export.signature import GRAPHS, INPUT_IDS, LOGITS, past, present
 from dsv4.runtimes.base import Generator as _Base
+from dsv4.runtimes.base import generation_defaults
 
 from . import backend, library
 
@@ -56,6 +57,7 @@ class Generator(_Base):
         cfg = self.manifest["config"]
         self.vocab_size, self.max_seq_len = int(cfg["vocab_size"]), int(cfg["max_seq_len"])
         self.names = [e["name"] for e in self.manifest["state"]]
+        self.eos_token_id = generation_defaults(self.manifest)["eos_token_id"]
         self.target = target
         self.device = backend.device_of(target, device_index)
         weights = backend.Weights(self.art, self.device)
