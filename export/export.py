@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dsv4.models.checkpoint_io import check_destination
+from dsv4.models.config import check_sims
 from dsv4.models.model import DeepseekV4
 from dsv4.models.state import init_state, state_entries
 
@@ -227,14 +228,16 @@ class ExportResult:
 def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, model: DeepseekV4 | None = None,
                     preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
                     experts: str | None = None, layers: int | None = None,
-                    max_seq_len: int | None = None, quant_sim: bool | None = None, overwrite: bool = False,
+                    max_seq_len: int | None = None, quant_sim: bool | None = None,
+                    quant_sims: dict[str, bool] | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
                     prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
     """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
     preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
 
     weights: "packed" (FP8/MXFP4 stay packed; dequantised in-graph) or "float32"/"float16"/"float64"
-    (dequantised here; float64 for exactness tests). max_seq_len / quant_sim override the config. batch /
+    (dequantised here; float64 for exactness tests). max_seq_len / quant_sim override the config, quant_sims each
+    simulation ({"kv_quant_sim": False, ...}: ModelArgs' switches, docs/quant_sim.md). batch /
     prefill_lengths: the static shapes of a static target (ascend; export/static.py): one prefill graph per length. transform(model, graph, target), e.g.
     ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
@@ -253,6 +256,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         raise ValueError("--layers: slices a checkpoint or a preset, not an in-memory model")
     transform = with_experts(transform, experts)
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
+    overrides |= check_sims(quant_sims or {})
     if tgt.dynamic and (batch is not None or prefill_lengths is not None):
         raise ValueError(f"--batch / --prefill-lengths: {tgt.name} exports dynamic shapes; they apply to static "
                          "targets (ascend)")

@@ -19,6 +19,7 @@ from dsv4.models import quant
 from dsv4.models.checkpoint import Checkpoint, parameters_on_meta, validate
 from dsv4.models.config import FP4_BLOCK, FP8_BLOCK, ModelArgs
 from dsv4.models.model import DeepseekV4, Linear
+from dsv4.models.stored import check_act_blocks, set_stored, stored_format
 
 from .stream import ALIGN, WeightsFile  # noqa: F401  (re-exported: the writer lives in stream.py)
 
@@ -96,6 +97,8 @@ def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
     dtype = torch.float32 if weights == "packed" else _FLOAT[weights]
     with parameters_on_meta():
         model = DeepseekV4(args, dtype)
+    set_stored(model, _stored_of(source))  # the FP8 activation simulation follows the stored format
+    check_act_blocks(model)
     if weights != "packed":
         return model
     for name, mod in model.named_modules():
@@ -111,6 +114,13 @@ def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
         else:
             mod.set_packed(torch.empty(o, i // 2, **meta), torch.empty(o, i // FP4_BLOCK, **meta))
     return model
+
+
+def _stored_of(source):
+    """name -> the format `source` stores that projection weight in ("fp8", "fp4", "float"; models/stored.py)."""
+    if isinstance(source, ModuleSource):
+        return {f"{n}.weight": m.stored for n, m in source.model.named_modules() if isinstance(m, Linear)}.get
+    return lambda n: stored_format(source.ck.tensors[n].dtype) if n in source.ck.tensors else None
 
 
 def resolve(source, name: str, want: ir.DataType, shape: tuple[int, ...]) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .checkpoint_io import (
     progress_bar,
 )
 from .config import FP4_BLOCK, FP8_BLOCK, ConfigError, ModelArgs
+from .stored import check_act_blocks, set_stored, stored_format
 
 __all__ = ["Checkpoint", "CheckpointError", "Problem", "Report", "TensorSpec", "checkpoint_totals", "expected_tensors",
            "load_model", "official_totals", "round_like_checkpoint_", "validate"]
@@ -221,6 +222,10 @@ def validate(path: str | Path | Checkpoint, check_values: bool = False, progress
             P(Problem("scale", sname, s.file, f"shape {list(s.shape)}, expected {list(sshape)} for {t.dtype} "
                       f"{name} {list(t.shape)}"))
     packed = [f for f in ("fp4", "fp8") if f in expert_fmt]
+    if packed and "float" in expert_fmt:  # one MoE kernel, one activation simulation (stored.py)
+        n0 = expert_fmt["float"][0]
+        P(Problem("experts", n0, where[n0], f"{len(expert_fmt['float'])} routed expert weight(s) are stored as floats, "
+                  f"{len(expert_fmt[packed[0]])} as {packed[0]}; all routed experts must share one format"))
     if len(packed) > 1:  # one MoE kernel per model: the routed experts share one format
         odd = min(packed, key=lambda f: len(expert_fmt[f]))
         n0 = expert_fmt[odd][0]
@@ -302,6 +307,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, keep_quanti
     args = rep.args
     with parameters_on_meta():
         model = DeepseekV4(args, dtype)
+    set_stored(model, lambda n: stored_format(ck.tensors[n].dtype) if n in ck.tensors else None)
+    check_act_blocks(model)  # before reading any tensor
     modules = dict(model.named_modules())
     specs = expected_tensors(args)
     order = sorted(specs.values(), key=lambda s: ck.tensors[s.name].file)  # shard by shard

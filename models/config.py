@@ -20,6 +20,26 @@ KV_FP8_BLOCK = 64  # FP8 simulation block of the KV nope dims
 INDEX_FP4_BLOCK = 32  # FP4 simulation block in the indexer
 
 
+SIM_SWITCHES = {"act": "act_quant_sim", "kv": "kv_quant_sim", "index": "index_quant_sim"}
+
+
+def simulations(config: dict) -> dict[str, bool]:
+    """The simulations on in a ModelArgs dict (a manifest's ``config``): each switch, or ``quant_sim`` where it is
+    unset (None or absent: manifests written before the switches existed)."""
+    qs = bool(config.get("quant_sim", True))
+    return {k: qs if config.get(f) is None else bool(config[f]) for k, f in SIM_SWITCHES.items()}
+
+
+def check_sims(switches: dict) -> dict[str, bool]:
+    """`switches` ({"kv_quant_sim": False, ...}) checked: known switch names, bool values. Returns a copy."""
+    for k, v in switches.items():
+        if k not in SIM_SWITCHES.values():
+            raise ValueError(f"quant_sims: unknown switch {k!r}; choose from {', '.join(SIM_SWITCHES.values())}")
+        if not isinstance(v, bool):
+            raise ValueError(f"quant_sims: {k} must be true or false, got {v!r}")
+    return dict(switches)
+
+
 class ConfigError(ValueError):
     """A config is missing a key or is internally inconsistent. The message names the key."""
 
@@ -61,7 +81,10 @@ class ModelArgs:
     score_func: str = "sqrtsoftplus"
     expert_dtype: str = "fp4"  # format of the routed experts in the checkpoint: "fp4" (MXFP4) or "fp8"
     max_seq_len: int = 4096  # decode-state capacity; chosen at export, not a property of the weights
-    quant_sim: bool = True  # the reference's FP8 act-quant, FP8 KV rounding and FP4 indexer simulation
+    quant_sim: bool = True  # the reference's three simulations, all on / all off (each switch below may override)
+    act_quant_sim: bool | None = None  # FP8 act rounding in front of FP8/FP4-stored linears; None: as quant_sim
+    kv_quant_sim: bool | None = None  # FP8 rounding of the KV nope dims (window and compressed); None: as quant_sim
+    index_quant_sim: bool | None = None  # Hadamard + FP4 rounding of indexer queries and keys; None: as quant_sim
     bos_token_id: int = 0
     eos_token_id: int = 1
 
@@ -69,7 +92,12 @@ class ModelArgs:
         from .hf_config import check_value, official
 
         for f in dataclasses.fields(self):  # types first, under the config.json names: 128.7 is not coerced to 128
-            object.__setattr__(self, f.name, check_value(official(f.name), str(f.type), getattr(self, f.name)))
+            kind, v = str(f.type), getattr(self, f.name)
+            if kind.endswith(" | None"):
+                if v is None:
+                    continue
+                kind = kind[: -len(" | None")]
+            object.__setattr__(self, f.name, check_value(official(f.name), kind, v))
         self.validate()
 
     # ---- derived -------------------------------------------------------------------------------------
@@ -88,6 +116,19 @@ class ModelArgs:
     @property
     def o_group_dim(self) -> int:  # input width of one wo_a group
         return self.n_heads * self.head_dim // self.o_groups
+
+    # the three simulations (SPEC §7.4), each its own switch or else quant_sim (docs/quant_sim.md)
+    @property
+    def sim_act(self) -> bool:
+        return self.quant_sim if self.act_quant_sim is None else self.act_quant_sim
+
+    @property
+    def sim_kv(self) -> bool:
+        return self.quant_sim if self.kv_quant_sim is None else self.kv_quant_sim
+
+    @property
+    def sim_index(self) -> bool:
+        return self.quant_sim if self.index_quant_sim is None else self.index_quant_sim
 
     def ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]
@@ -137,16 +178,14 @@ class ModelArgs:
             need(self.index_head_dim & (self.index_head_dim - 1) == 0, "index_head_dim",
                  f"the indexer's Hadamard rotation needs a power of two, got {self.index_head_dim}")
         need(self.rope_factor >= 1, "rope_scaling.factor", f"must be >= 1, got {self.rope_factor}")
-        if self.quant_sim:
-            for key, width in (("hidden_size", self.dim), ("q_lora_rank", self.q_lora_rank),
-                               ("moe_intermediate_size", self.moe_inter_dim),
-                               ("o_groups * o_lora_rank", self.o_groups * self.o_lora_rank)):
-                need(width % FP8_BLOCK == 0, key,
-                     f"{width} is not a multiple of {FP8_BLOCK}, the FP8 activation block (quant_sim=True)")
+        # The FP8 activation block depends on how each linear is stored, so DeepseekV4 checks it (act_block_problems).
+        if self.sim_kv:
             need(self.nope_head_dim % KV_FP8_BLOCK == 0, "head_dim",
-                 f"head_dim - qk_rope_head_dim = {self.nope_head_dim} is not a multiple of {KV_FP8_BLOCK} (KV FP8 block)")
+                 f"head_dim - qk_rope_head_dim = {self.nope_head_dim} is not a multiple of {KV_FP8_BLOCK} (KV FP8 "
+                 "block; kv_quant_sim)")
+        if self.sim_index:
             need(self.index_head_dim % INDEX_FP4_BLOCK == 0, "index_head_dim",
-                 f"{self.index_head_dim} is not a multiple of {INDEX_FP4_BLOCK} (indexer FP4 block)")
+                 f"{self.index_head_dim} is not a multiple of {INDEX_FP4_BLOCK} (indexer FP4 block; index_quant_sim)")
         if self.expert_dtype == "fp4":
             need(self.dim % FP4_BLOCK == 0 and self.moe_inter_dim % FP4_BLOCK == 0, "moe_intermediate_size",
                  f"MXFP4 experts need hidden_size and moe_intermediate_size multiples of {FP4_BLOCK}")

@@ -22,6 +22,7 @@ from . import kernels, quant
 from .config import INDEX_FP4_BLOCK, KV_FP8_BLOCK, ModelArgs
 from .quant import up
 from .state import init_state, layer_state
+from .stored import check_act_blocks
 
 Tensor = torch.Tensor
 
@@ -47,17 +48,23 @@ class Linear(nn.Module):
     """y = x W^T. `fmt` is the weight's format in the official checkpoint: "bf16", "fp8" or "fp4".
 
     The weight is float after construction; ``set_packed`` swaps in the stored bytes (uint8) and E8M0 scales,
-    which the dsv4 dequant-matmul ops consume. ``act_quant``: the reference quantises the input of every
-    FP8/FP4 linear to FP8 per 128 channels (ModelArgs.quant_sim), whichever way the weight is held.
+    which the dsv4 dequant-matmul ops consume. ``act_quant`` (ModelArgs.sim_act): the reference quantises the
+    input of a linear to FP8 per 128 channels when its weight is *stored* FP8/FP4, whichever way it is held here;
+    ``stored`` is that format ("float" for a BF16/F32-stored weight; set by models/stored.py).
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "bf16", act_quant: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        self.act_quant = act_quant and fmt in ("fp8", "fp4")
+        self.stored = fmt
+        self.sim = act_quant and fmt in ("fp8", "fp4")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.scale: nn.Parameter | None = None
+
+    @property
+    def act_quant(self) -> bool:
+        return self.sim and self.stored in ("fp8", "fp4")
 
     @property
     def packed(self) -> bool:
@@ -168,12 +175,11 @@ class Compressor(nn.Module):
         block_pos = (pos0.unsqueeze(1) - r.squeeze(1).unsqueeze(1)) + m * torch.arange(nb, device=x.device)
         cos, sin = rope_cos_sin(block_pos, inv_freq)
         e = apply_rope(e, cos, sin)
-        if self.args.quant_sim:
-            if self.rotate:
-                e = quant.fp4_act_qdq(up(e) @ quant.hadamard_matrix(d, e.device, up(e).dtype), INDEX_FP4_BLOCK).to(e.dtype)
-            else:
-                nope = d - self.args.rope_head_dim
-                e = torch.cat([quant.fp8_act_qdq(e[..., :nope], KV_FP8_BLOCK), e[..., nope:]], -1)
+        if self.rotate and self.args.sim_index:
+            e = quant.fp4_act_qdq(up(e) @ quant.hadamard_matrix(d, e.device, up(e).dtype), INDEX_FP4_BLOCK).to(e.dtype)
+        elif not self.rotate and self.args.sim_kv:
+            nope = d - self.args.rope_head_dim
+            e = torch.cat([quant.fp8_act_qdq(e[..., :nope], KV_FP8_BLOCK), e[..., nope:]], -1)
         # cache write: slot s takes entry j = s - pos0 // m when 0 <= j < n_new
         N = cache.shape[1]
         j = torch.arange(N, device=x.device).unsqueeze(0) - torch.div(pos0, m, rounding_mode="floor").unsqueeze(1)
@@ -199,7 +205,7 @@ class Indexer(nn.Module):
         super().__init__()
         self.args = args
         self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
-        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, "fp8", args.quant_sim, dtype)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, "fp8", args.sim_act, dtype)
         self.weights_proj = Linear(args.dim, self.n_heads, "bf16", dtype=dtype)
         self.compressor = Compressor(args, 4, self.head_dim, rotate=True)
 
@@ -208,7 +214,7 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         q = self.wq_b(cq).unflatten(-1, (self.n_heads, self.head_dim))  # [B,T,Hi,di]
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
-        if self.args.quant_sim:
+        if self.args.sim_index:
             q = quant.fp4_act_qdq(up(q) @ quant.hadamard_matrix(self.head_dim, q.device, up(q).dtype), INDEX_FP4_BLOCK).to(q.dtype)
         keys, ikv, iscore = self.compressor(x, pos0, st["index_kv"], st["index_score"], st["index"], inv_freq, n)
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,T,Hi]
@@ -225,7 +231,7 @@ class Attention(nn.Module):
         super().__init__()
         self.args, self.layer_id = args, layer_id
         self.ratio = args.ratio(layer_id)
-        H, hd, qs = args.n_heads, args.head_dim, args.quant_sim
+        H, hd, qs = args.n_heads, args.head_dim, args.sim_act
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.wq_a = Linear(args.dim, args.q_lora_rank, "fp8", qs, dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
@@ -255,7 +261,7 @@ class Attention(nn.Module):
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + a.norm_eps)
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,T,hd], one head, K = V
-        if a.quant_sim:
+        if a.sim_kv:
             kv = torch.cat([quant.fp8_act_qdq(kv[..., :nope], KV_FP8_BLOCK), kv[..., nope:]], -1)
         # window: candidate positions p-W+1 .. p, either in this call's rows or in the ring (slot = pos % W)
         ring = st["window"]
@@ -328,9 +334,9 @@ class Expert(nn.Module):
 
     def __init__(self, args: ModelArgs, fmt: str, dtype: torch.dtype, limit: float):
         super().__init__()
-        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt, args.quant_sim, dtype)
-        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt, args.quant_sim, dtype)
-        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt, args.quant_sim, dtype)
+        self.w1 = Linear(args.dim, args.moe_inter_dim, fmt, args.sim_act, dtype)
+        self.w2 = Linear(args.moe_inter_dim, args.dim, fmt, args.sim_act, dtype)
+        self.w3 = Linear(args.dim, args.moe_inter_dim, fmt, args.sim_act, dtype)
         self.limit = limit
 
     def forward(self, x: Tensor) -> Tensor:
@@ -358,7 +364,8 @@ class MoE(nn.Module):
         fmt = (kernels.FMT_FP4 if self.args.expert_dtype == "fp4" else kernels.FMT_FP8) if packed else kernels.FMT_FLOAT
         lists = [[getattr(e, n).weight for e in ex] for n in ("w1", "w2", "w3")]
         scales = [[getattr(e, n).scale for e in ex] if packed else [] for n in ("w1", "w2", "w3")]
-        y = kernels.moe_experts(x, w, idx, *lists, *scales, fmt, self.args.swiglu_limit, self.args.quant_sim)
+        act_quant = ex[0].w1.act_quant  # the routed experts share one stored format (checkpoint.validate)
+        y = kernels.moe_experts(x, w, idx, *lists, *scales, fmt, self.args.swiglu_limit, act_quant)
         y = y + up(self.shared_experts(x))
         return y.to(x.dtype).view(shape)
 
@@ -430,8 +437,8 @@ def head_logits(module: nn.Module, X: Tensor, head_weight: Tensor, args: ModelAr
 class MTPBlock(Block):
     def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype):
         super().__init__(layer_id, args, dtype)
-        self.e_proj = Linear(args.dim, args.dim, "fp8", args.quant_sim, dtype)
-        self.h_proj = Linear(args.dim, args.dim, "fp8", args.quant_sim, dtype)
+        self.e_proj = Linear(args.dim, args.dim, "fp8", args.sim_act, dtype)
+        self.h_proj = Linear(args.dim, args.dim, "fp8", args.sim_act, dtype)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         add_hc_head(self, args)  # its own hc_head_{fn,base,scale} and norm; embed and head are shared
@@ -460,6 +467,9 @@ class DeepseekV4(nn.Module):
     def forward(self, input_ids: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if state is None:
             state = init_state(self.args, input_ids.shape[0], self.dtype, input_ids.device)
+        if not getattr(self, "_act_blocks_checked", False):  # once: widths vs the FP8 activation block (stored.py)
+            check_act_blocks(self)
+            self._act_blocks_checked = True
         self.check_inputs(input_ids, state)
         logits, state, _ = self.step(input_ids, state)
         return logits, state

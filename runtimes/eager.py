@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dsv4.export.artifact import stage_printer
+from dsv4.models.config import SIM_SWITCHES
 
 from .verdict import tolerance_for
 
@@ -121,6 +122,7 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
     dtype = getattr(torch, manifest["dtype"])
     cfg = manifest["config"]
     overrides = {"max_seq_len": cfg["max_seq_len"], "quant_sim": cfg["quant_sim"]}
+    overrides |= {f: cfg[f] for f in SIM_SWITCHES.values() if cfg.get(f) is not None}  # the three switches
     src = manifest["source"]
     if checkpoint is None and src["kind"] == "checkpoint":
         checkpoint = src["path"]

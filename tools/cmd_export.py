@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ort-cpu, packed weights: MXFP4 routed experts as the checkpoint's bytes (packed, default) or "
                         "as QMoE's int8 blocks (int8: 1.5x the bytes; docs/PERF.md compares decode speed)")
     p.add_argument("--layers", type=int, default=None, help="export only the first N decoder layers (+ head and MTP)")
-    p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulation")
+    p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulations")
+    for part, what in (("act", "FP8 activation rounding in front of FP8/FP4-stored linears"),
+                       ("kv", "FP8 rounding of the KV nope dims"), ("index", "FP4 rounding of the indexer (Hadamard)")):
+        p.add_argument(f"--no-{part}-sim", action="store_true", help=f"without one simulation: {what} (docs/quant_sim.md)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
     p.add_argument("--no-progress", action="store_true")
@@ -42,6 +45,7 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
                           weights=a.weights, experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
+                          quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},
                           overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
                           batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
     print_table(summary(res.manifest, res.path))

@@ -50,6 +50,7 @@ def export_command(man: dict, target: str) -> str:
         source = str(src.get("path", "CHECKPOINT"))
     flags = [f"--weights {man['weights']}"] if man.get("weights") else []
     flags += ["--no-quant-sim"] if cfg.get("quant_sim") is False else []
+    flags += [f"--no-{p}-sim" for p in ("act", "kv", "index") if cfg.get(f"{p}_quant_sim") is False]
     flags += [f"--max-seq-len {cfg['max_seq_len']}"] if cfg.get("max_seq_len") else []
     return f"dsv4 export {source} --target {target} {' '.join(flags)} --out OUT".replace("  ", " ")
 
