@@ -35,7 +35,7 @@ LOAD = r"""
 import json, sys, time, torch
 from dsv4.models import DeepseekV4
 t = time.perf_counter()
-m = DeepseekV4.from_pretrained(sys.argv[1], keep_quantized=True, progress=False)
+m = DeepseekV4.from_pretrained(sys.argv[1], keep_quantized=True, max_seq_len=4096, progress=False)  # not the 1M of config.json
 load = time.perf_counter() - t
 ids = torch.randint(0, m.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
 t = time.perf_counter()

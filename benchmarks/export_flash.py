@@ -127,7 +127,7 @@ def run_decode(work: Path, experts: int, layers: int, steps: int) -> dict:
         art = work / f"art-{ck.name}-{mode}"
         if not (art / "manifest.json").exists():
             measure([*CLI, "export", str(ck), "--target", "ort-cpu", "--out", str(art), "--force", "--no-progress",
-                     "--no-quant-sim", "--experts", mode])
+                     "--no-quant-sim", "--experts", mode, "--max-seq-len", "4096"])  # not the config's 1M
         man = json.loads((art / "manifest.json").read_text())
         p = subprocess.run([sys.executable, "-c", DECODE, str(art), str(steps)], capture_output=True, text=True)
         line = next((x for x in p.stdout.splitlines() if x.startswith("@@")), None)

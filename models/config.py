@@ -80,7 +80,9 @@ class ModelArgs:
     n_mtp_layers: int = 1
     score_func: str = "sqrtsoftplus"
     expert_dtype: str = "fp4"  # format of the routed experts in the checkpoint: "fp4" (MXFP4) or "fp8"
-    max_seq_len: int = 4096  # decode-state capacity; chosen at export, not a property of the weights
+    # decode-state capacity: config.json's max_position_embeddings (1,048,576 for the release) unless given;
+    # the default only serves ModelArgs built by hand. The state is allocated at it (docs/capacity.md).
+    max_seq_len: int = 4096
     quant_sim: bool = True  # the reference's three simulations, all on / all off (each switch below may override)
     act_quant_sim: bool | None = None  # FP8 act rounding in front of FP8/FP4-stored linears; None: as quant_sim
     kv_quant_sim: bool | None = None  # FP8 rounding of the KV nope dims (window and compressed); None: as quant_sim
@@ -241,7 +243,7 @@ class ModelArgs:
                 "beta_fast": self.beta_fast,
                 "beta_slow": self.beta_slow,
             },
-            "max_position_embeddings": 1048576,
+            "max_position_embeddings": self.max_seq_len,  # 1,048,576 for flash / pro, as released
             "hc_mult": self.hc_mult,
             "hc_sinkhorn_iters": self.hc_sinkhorn_iters,
             "hc_eps": self.hc_eps,
@@ -273,6 +275,7 @@ def _pro_ratios(n_layers: int) -> tuple[int, ...]:
 
 
 _COMMON = dict(
+    max_seq_len=1048576,  # max_position_embeddings of both releases (SPEC §1.1)
     head_dim=512, rope_head_dim=64, n_shared_experts=1, n_activated_experts=6, n_hash_layers=3, swiglu_limit=10.0,
     window_size=128, index_n_heads=64, index_head_dim=128, rope_theta=10000.0, compress_rope_theta=160000.0,
     rope_factor=16.0, original_seq_len=65536, beta_fast=32, beta_slow=1, vocab_size=129280,

@@ -28,7 +28,7 @@ OFFICIAL: dict[str, str] = {
     "beta_slow": "rope_scaling.beta_slow", "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters",
     "hc_eps": "hc_eps", "norm_eps": "rms_norm_eps", "n_mtp_layers": "num_nextn_predict_layers",
     "score_func": "scoring_func", "expert_dtype": "expert_dtype", "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
+    "eos_token_id": "eos_token_id", "max_seq_len": "max_position_embeddings",  # capacity: the config's unless given
 }
 
 

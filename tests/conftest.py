@@ -54,7 +54,7 @@ def write_word_tokenizer(path, vocab_size: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory):
     """tiny exported from the synthetic checkpoint as shipped: FP8/MXFP4 packed, quant_sim on, fp32, ort-cpu;
-    max_seq_len 1024 (the preset's; a checkpoint's config.json does not carry it)."""
+    max_seq_len 1024 (the preset's, which its config.json carries as max_position_embeddings)."""
     from dsv4.export.export import export_artifact
 
     return export_artifact(tmp_path_factory.mktemp("art") / "tiny", checkpoint=tiny_checkpoint, max_seq_len=1024,

@@ -83,7 +83,7 @@ def test_synthetic_checkpoint_layout(tiny_checkpoint):
     assert json.loads((tiny_checkpoint / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
     from dsv4.models.config import ModelArgs
 
-    assert ModelArgs.from_hf_config(tiny_checkpoint, max_seq_len=args.max_seq_len) == args  # not a weight property
+    assert ModelArgs.from_hf_config(tiny_checkpoint) == args  # capacity included: max_position_embeddings
     index = json.loads((tiny_checkpoint / INDEX).read_text())
     wm = index["weight_map"]
     files = sorted(set(wm.values()))
@@ -192,6 +192,21 @@ def test_dequantised_base_checkpoint_loads(tiny_checkpoint, tmp_path):
     assert (logits(got) - logits(ref)).abs().max().item() > 1e-3  # no FP8 activation rounding before BF16 weights
     set_stored(ref, lambda n: "float" if ".experts." not in n else None)  # ... as the reference (models/stored.py)
     assert (logits(got) - logits(ref)).abs().max().item() <= 1e-5
+
+
+def test_capacity_comes_from_the_config_unless_given(tmp_path, capsys):
+    """A checkpoint whose config.json says max_position_embeddings 1,048,576 (as the release) loads with that
+    capacity; max_seq_len given wins, and the state is allocated at the capacity asked (docs/capacity.md)."""
+    d = write_synthetic(preset("tiny", n_layers=2, n_mtp_layers=0), tmp_path / "c", seed=0, progress=False)
+    assert load_model(d).args.max_seq_len == 1024  # a synthetic tiny carries its preset's capacity
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1048576}))
+    assert load_model(d).args.max_seq_len == 1048576
+    small = load_model(d, max_seq_len=256)
+    with torch.no_grad():
+        _, st = small(IDS)
+    assert small.args.max_seq_len == 256 and st["1.kv"].shape == (2, 64, 128) and st["1.index"].shape == (2, 64, 128)
+    assert cli(["info", str(d)]) == 0 and "1048576" in capsys.readouterr().out
 
 
 def test_index_less_single_file_checkpoint(tmp_path):

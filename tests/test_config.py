@@ -33,6 +33,18 @@ def test_from_hf_config_round_trip_and_unknown_keys(tmp_path):
     assert ModelArgs.from_hf_config(no_expert_dtype).expert_dtype == "fp4"
 
 
+def test_capacity_is_the_configs_max_position_embeddings_unless_given():
+    """max_seq_len = max_position_embeddings (1,048,576 for the release, SPEC §1.1), not a 4096 default."""
+    assert ModelArgs.from_hf_config(flash_cfg()).max_seq_len == 1048576 == preset("pro").max_seq_len
+    assert ModelArgs.from_hf_config(flash_cfg() | {"max_position_embeddings": 65536}).max_seq_len == 65536
+    assert ModelArgs.from_hf_config(flash_cfg(), max_seq_len=4096).max_seq_len == 4096
+    assert preset("tiny").to_hf_config()["max_position_embeddings"] == 1024  # a synthetic config carries its own
+    with pytest.raises(ConfigError, match="max_position_embeddings: expected an integer, got 1.5"):
+        ModelArgs.from_hf_config(flash_cfg() | {"max_position_embeddings": 1.5})
+    with pytest.raises(ConfigError, match="max_position_embeddings: must be > 0, got 0"):
+        ModelArgs.from_hf_config(flash_cfg(), max_seq_len=0)
+
+
 @pytest.mark.parametrize("change,key", [
     (lambda c: c.pop("hidden_size"), "hidden_size: missing"),
     (lambda c: c.pop("compress_ratios"), "compress_ratios: missing"),
@@ -94,7 +106,7 @@ def test_config_values_are_type_checked_under_their_official_names(key, value, m
 @pytest.mark.parametrize("key", ["swiglu_limit", "rope_scaling", "num_nextn_predict_layers", "num_hash_layers",
                                  "scoring_func", "eos_token_id", "bos_token_id", "num_key_value_heads",
                                  "tie_word_embeddings", "rope_scaling.factor", "rope_scaling.beta_fast",
-                                 "rope_scaling.original_max_position_embeddings"])
+                                 "rope_scaling.original_max_position_embeddings", "max_position_embeddings"])
 def test_keys_every_release_carries_are_required(key, tmp_path):
     """A missing swiglu_limit used to turn the clamp off silently; now it is an error naming key and file."""
     cfg = flash_cfg()
