@@ -127,3 +127,21 @@ def test_ragged_batch_5_37_300_equals_solo_runs(tiny_artifact_f32):
     np.testing.assert_array_equal(got[0], solo[0])
     np.testing.assert_array_equal(got[2], solo[2])
     assert gen.stats["decode_tokens"] == 63 * 2 + k
+
+
+def test_generate_command_output(monkeypatch, capsys):
+    """No tokenizer: one sequence's ids stream on one line, a batch prints a line per sequence (up to its stop);
+    the rates go to stderr."""
+    from dsv4.tools.cli import main
+
+    class Fake(Counting):
+        def __init__(self, art, providers=None):
+            super().__init__()
+            self.manifest, self.art = {"tokenizer": None}, art
+
+    monkeypatch.setattr("dsv4.runtimes.ort.Generator", Fake)
+    assert main(["generate", "ART", "--prompt-ids", "1,2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "4 7 1 6 \n" and "prefill: 2 tokens" in out.err and "decode: 3 tokens" in out.err
+    assert main(["generate", "ART", "--prompt-ids", "1,2;3;4,5,6,7", "--max-new-tokens", "6", "--stop", "7"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["4 7", "4 6 9", "1 6 2 9"]

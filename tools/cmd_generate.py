@@ -61,7 +61,8 @@ def run(a: argparse.Namespace) -> int:
         ids = [tok.encode(a.prompt).ids]
         if not ids[0]:
             raise ValueError(f"--prompt: the tokenizer turned {a.prompt!r} into no ids")
-    stream = _TextStream(tok) if tok is not None and not a.ids and len(ids) == 1 else None
+    text, one = tok is not None and not a.ids, len(ids) == 1
+    stream = _TextStream(tok) if text and one else None
     new: list[list[int]] = [[] for _ in ids]
     for t in gen.generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, stop, a.ignore_eos):
         for i, v in enumerate(t.tolist()):
@@ -69,15 +70,15 @@ def run(a: argparse.Namespace) -> int:
                 new[i].append(v)
         if stream:
             stream.update(new[0])
-        elif a.ids and len(ids) == 1:
+        elif one:  # one sequence's ids, streamed on one line
             print(int(t[0]), end=" ", flush=True)
     if stream:
         stream.finish(new[0])
-    elif a.ids and len(ids) == 1:
+    elif one:
         print()
-    else:
+    else:  # a batch: one line per sequence
         for row in new:
-            print(" ".join(map(str, row)) if tok is None or a.ids else tok.decode(row))
+            print(tok.decode(row) if text else " ".join(map(str, row)))
     s = gen.stats
     print(f"prefill: {s['prefill_tokens']} tokens in {s['prefill_s']:.2f} s ({_rate(s['prefill_tokens'], s['prefill_s'])}"
           f"); decode: {s['decode_tokens']} tokens in {s['decode_s']:.2f} s ({_rate(s['decode_tokens'], s['decode_s'])})",
