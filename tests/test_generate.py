@@ -145,3 +145,24 @@ def test_generate_command_output(monkeypatch, capsys):
     assert out.out == "4 7 1 6 \n" and "prefill: 2 tokens" in out.err and "decode: 3 tokens" in out.err
     assert main(["generate", "ART", "--prompt-ids", "1,2;3;4,5,6,7", "--max-new-tokens", "6", "--stop", "7"]) == 0
     assert capsys.readouterr().out.splitlines() == ["4 7", "4 6 9", "1 6 2 9"]
+
+
+def test_generate_command_uses_the_artifact_generation_defaults(monkeypatch, capsys):
+    """Sampling flags not given come from the manifest's ``generation`` section; given flags win."""
+    from dsv4.tools.cli import main
+
+    seen = []
+
+    class Fake(Counting):
+        def __init__(self, art, providers=None):
+            super().__init__()
+            self.manifest, self.art = {"tokenizer": None, "generation": {"temperature": 0.6, "top_p": 0.95}}, art
+
+        def generate(self, prompts, n, temperature, top_p, top_k, *rest):
+            seen.append((temperature, top_p, top_k))
+            return super().generate(prompts, n, temperature, top_p, top_k, *rest)
+
+    monkeypatch.setattr("dsv4.runtimes.ort.Generator", Fake)
+    assert main(["generate", "ART", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--seed", "0"]) == 0
+    assert main(["generate", "ART", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert seen == [(0.6, 0.95, 0), (0.0, 0.95, 0)]

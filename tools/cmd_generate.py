@@ -18,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-ids", help="comma-separated token ids; ';' separates sequences (any lengths)")
     g.add_argument("--prompt", help="text (needs the tokenizer.json the checkpoint shipped, and `tokenizers`)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default: the artifact's generation defaults, greedy when it has none)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the artifact's, else 1")
+    p.add_argument("--top-k", type=int, default=None, help="0: no limit (default: the artifact's, else 0)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", help="comma-separated token ids that end a sequence (besides the eos id)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the artifact's eos id")
@@ -43,10 +44,12 @@ def parse_ids(s: str, flag: str = "--prompt-ids") -> list[list[int]]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from dsv4.runtimes.base import check_sampling
+    from dsv4.runtimes.base import check_sampling, generation_defaults
 
     stop = parse_ids(a.stop, "--stop")[0] if a.stop else None
-    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, stop, flag=True)  # before any work
+    given = {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k}
+    check_sampling(a.max_new_tokens, *(v if v is not None else d for v, d in zip(given.values(), (0.0, 1.0, 0))),
+                   a.seed, stop, flag=True)  # before any work
     ids = parse_ids(a.prompt_ids) if a.prompt is None else None
     if a.backend == "tvm":
         from dsv4.runtimes.tvm import Generator as TVMGenerator
@@ -56,6 +59,10 @@ def run(a: argparse.Namespace) -> int:
         from dsv4.runtimes.ort import Generator
 
         gen = Generator(a.artifact, providers=a.providers.split(",") if a.providers else None)
+    # flags not given: the artifact's generation defaults (its checkpoint's generation_config.json), as HF does
+    defaults = generation_defaults(gen.manifest)
+    a.temperature, a.top_p, a.top_k = (v if v is not None else defaults[k] for k, v in given.items())
+    check_sampling(a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, stop)  # a manifest's values too
     tok = _tokenizer(gen, required=a.prompt is not None) if not (a.ids and a.prompt is None) else None
     if a.prompt is not None:
         ids = [tok.encode(a.prompt).ids]
