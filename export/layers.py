@@ -182,7 +182,11 @@ def instantiate(m: ir.Model, args: ModelArgs, of: list[int]) -> None:
             if v is x_out[-1]:
                 n.replace_input_with(j, cur)
     _rebuild_io(g, args, new_inputs, new_outputs)
-    g.remove([n for b in body for n in b], safe=False)
+    old = [n for b in body for n in b]
+    for n in old:  # detach first: remove(safe=False) would leave them users of the weights that layer reps[r] keeps
+        for j in range(len(n.inputs)):
+            n.replace_input_with(j, None)
+    g.remove(old, safe=False)
     if post:
         g.insert_before(post[0], clones)
     else:
