@@ -25,7 +25,8 @@ def _slices_table(slices: dict) -> list[str]:
             f"{ex['rss_kb'] * 1e3 / GB:.2f} GB | {rate} | {st.get('trace prefill', 0):.0f} + "
             f"{st.get('trace decode', 0):.0f} s | {fold:.0f} s | {_save(st):.0f} s | {ex['wall_s']:.0f} s | "
             f"{ex['user_s']:.0f} + {ex['sys_s']:.0f} s |")
-    return rows
+    notes = [f"- {s['preset']} {s['layers']} layers: {s['note']}" for s in slices.values() if s.get("note")]
+    return rows + ([""] + notes if notes else [])
 
 
 def _save(st: dict) -> float:
@@ -36,19 +37,23 @@ def _projection(slices: dict) -> list[str]:
     from dsv4.models.checkpoint import official_totals
     from dsv4.models.config import preset
 
-    real = [s for s in slices.values() if not s["sparse"]]
+    real = [s for s in slices.values() if not s["sparse"] and not s.get("note")]
     if not real:
         return []
     r = max(real, key=lambda s: s["layers"])
     rate = r["source_bytes"] / r["weights_s"]  # the MTP block is not in the graphs: rates per byte read
     save_rate = r["artifact_bytes"] / max(_save(r["stages"]), 1e-9)
     per_byte = r["weights_bytes"] / r["source_bytes"]  # artifact bytes per checkpoint byte read
-    by_layers = sorted((s for s in slices.values() if s["preset"] == "flash"), key=lambda s: s["layers"])
+    by_layers = sorted((s for s in slices.values() if s["preset"] == "flash" and s["source_bytes"]),
+                       key=lambda s: s["layers"])
     fold = [(s["layers"], sum(v for k, v in s["stages"].items() if k.startswith("fold"))) for s in by_layers]
     per_layer_fold = (fold[-1][1] - fold[0][1]) / (fold[-1][0] - fold[0][0]) if len(fold) > 1 else fold[0][1] / fold[0][0]
-    trace4 = max((s["trace_s"] for s in slices.values()), default=0.0)  # every kind present: the cost of any depth
+    # a 1- or 2-layer slice traces one kind; a whole model traces its four (an upper bound: the window kind of
+    # layers 0-1 is the cheapest), whatever its depth
+    one_kind = {s["preset"]: s["trace_s"] for s in sorted(slices.values(), key=lambda s: -s["layers"]) if s["layers"] <= 2}
     rss = max(s["export"]["rss_kb"] for s in slices.values()) * 1e3 / GB
-    out = ["", "Projection (per-layer costs above; trace = the measured cost of all four kinds, the same at any depth;",
+    out = ["", "Projection (per-layer costs above; trace = 4 kinds × the measured one-kind trace of that model's slice, the "
+           "same at any depth;",
            f"weights at the measured {rate / 1e6:.0f} MB/s of checkpoint bytes, save + check (sha256) at "
            f"{save_rate / 1e6:.0f} MB/s, fold + passes {per_layer_fold:.1f} s per layer):", "",
            "| model | checkpoint | artifact (default) | trace | fold + passes | weights | save + check | total | peak RSS |",
@@ -59,6 +64,7 @@ def _projection(slices: dict) -> list[str]:
         art = b * per_byte
         f = per_layer_fold * a.n_layers
         w, sv = b / rate, art / save_rate
+        trace4 = 4 * one_kind.get(name, one_kind.get("flash", 0.0))
         tot = trace4 + f + w + sv
         out.append(f"| {name} ({a.n_layers} layers + MTP) | {b / GB:.0f} GB | ~{art / GB:.0f} GB | ~{trace4:.0f} s | "
                    f"~{f:.0f} s | ~{w / 60:.0f} min | ~{sv / 60:.0f} min | ~{tot / 60:.0f} min | ≤ {rss:.1f} GB |")
@@ -67,7 +73,7 @@ def _projection(slices: dict) -> list[str]:
 
 def _decode(d: dict) -> list[str]:
     rows = ["", f"Decode speed of the two MXFP4 expert encodings (Flash dimensions, {d.get('layers', 2)} layer(s), {d['experts']} routed "
-            "experts, quant_sim off, ORT CPU 2 threads, median of the greedy steps after an 8-token prefill):", "",
+            "experts, quant_sim off, ORT CPU 2 threads, the 5th of 8 sorted greedy steps after an 8-token prefill):", "",
             "| --experts | weights.data | × checkpoint | decode step | prefill (8 tokens) |", "|---|---:|---:|---:|---:|"]
     for mode, m in d["modes"].items():
         rows.append(f"| {mode} | {m['weights_bytes'] / GB:.2f} GB | {m['ratio']:.3f}× | {m['step_s'] * 1e3:.0f} ms | "
@@ -83,6 +89,14 @@ def write_perf(path: Path, r: dict) -> None:
              "sizes as a real checkpoint; they measure memory and trace time, not disk rates.", ""]
     if r.get("slices"):
         lines += _slices_table(r["slices"]) + _projection(r["slices"])
+    if r.get("slices"):
+        lines += ["", "Notes: the real Flash slice is the shards of `dsv4 checkpoint make --preset flash --layers 2` that hold "
+                  "embed, layers 0-1, norm and head (the make, at ~35 MB/min on the loaded machine, was stopped before its "
+                  "MTP shards, which the prefill/decode graphs do not read; config cut to 0 MTP layers). `disk` = a plain "
+                  "1 GB copy_file_range + fsync of one of its shards right after the export: the writer runs at the "
+                  "disk's rate. Trace times are wall seconds at a load average of 4-8 (CPU user+sys of the whole export "
+                  "in the last column); a 1-2 layer slice traces one kind, any model of 5+ layers its four kinds (the "
+                  "same representative model for 8 or 43 layers: `export/layers.py`)."]
     if r.get("decode"):
         lines += _decode(r["decode"])
     if r.get("tiny"):
