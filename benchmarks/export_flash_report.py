@@ -52,8 +52,8 @@ def _projection(slices: dict) -> list[str]:
     # layers 0-1 is the cheapest), whatever its depth
     one_kind = {s["preset"]: s["trace_s"] for s in sorted(slices.values(), key=lambda s: -s["layers"]) if s["layers"] <= 2}
     rss = max(s["export"]["rss_kb"] for s in slices.values()) * 1e3 / GB
-    out = ["", "Projection (per-layer costs above; trace = 4 kinds × the measured one-kind trace of that model's slice, the "
-           "same at any depth;",
+    out = ["", "Projection (per-layer costs above; trace = the measured trace of a slice with all four kinds (Flash 8), "
+           "else 4 × the one-kind trace of that model's slice (Pro) — the same at any depth;",
            f"weights at the measured {rate / 1e6:.0f} MB/s of checkpoint bytes, save + check (sha256) at "
            f"{save_rate / 1e6:.0f} MB/s, fold + passes {per_layer_fold:.1f} s per layer):", "",
            "| model | checkpoint | artifact (default) | trace | fold + passes | weights | save + check | total | peak RSS |",
@@ -64,7 +64,8 @@ def _projection(slices: dict) -> list[str]:
         art = b * per_byte
         f = per_layer_fold * a.n_layers
         w, sv = b / rate, art / save_rate
-        trace4 = 4 * one_kind.get(name, one_kind.get("flash", 0.0))
+        four = [s["trace_s"] for s in slices.values() if s["preset"] == name and s["layers"] >= 5]  # all four kinds
+        trace4 = four[0] if four else 4 * one_kind.get(name, one_kind.get("flash", 0.0))
         tot = trace4 + f + w + sv
         out.append(f"| {name} ({a.n_layers} layers + MTP) | {b / GB:.0f} GB | ~{art / GB:.0f} GB | ~{trace4:.0f} s | "
                    f"~{f:.0f} s | ~{w / 60:.0f} min | ~{sv / 60:.0f} min | ~{tot / 60:.0f} min | ≤ {rss:.1f} GB |")
