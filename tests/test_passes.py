@@ -161,7 +161,9 @@ def test_export_cli_no_passes_and_summary(monkeypatch):
     monkeypatch.setattr("dsv4.export.export.export_artifact", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(
         SystemExit))
     ns = argparse.Namespace(checkpoint=None, preset="tiny", seed=0, target="ort-cpu", out="x", max_seq_len=None,
-                            weights=None, no_quant_sim=False, force=False, no_progress=True, no_passes=True)
+                            weights=None, no_quant_sim=False, force=False, no_progress=True, no_passes=True,
+                            experts=None, layers=None, batch=None, prefill_lengths=None, no_act_sim=False,
+                            no_kv_sim=False, no_index_sim=False)
     with pytest.raises(SystemExit):
         cmd_export.run(ns)
     assert seen["transform"] is None
