@@ -4,10 +4,13 @@ and the marked-section update of docs/PERF.md (other sections stay byte for byte
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,3 +75,29 @@ def update_section(path: Path, md: str, tag: str) -> None:
     pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+# Runs a command in a child and prints its peak RSS (kB, Linux ru_maxrss of the waited-for child), CPU and wall time
+# as JSON, so that each measured step's RSS is its own (checkpoint_flash.py, export_flash.py).
+RUNNER = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[1:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("@@" + json.dumps({"rc": rc, "wall_s": time.perf_counter() - t, "rss_kb": r.ru_maxrss, "user_s": r.ru_utime,
+                         "sys_s": r.ru_stime}))
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    """RUNNER's numbers for `cmd`, plus the 1- and 5-minute load averages after it (the machine may be shared)."""
+    p = subprocess.run([sys.executable, "-c", RUNNER, *cmd], capture_output=True, text=True)
+    load = os.getloadavg()
+    res: dict = {"loadavg_1min_after": load[0], "loadavg_5min_after": load[1]}
+    for line in (p.stdout + p.stderr).splitlines():
+        if line.startswith("@@"):
+            res.update(json.loads(line[2:]))
+    if p.returncode or res.get("rc"):
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return res

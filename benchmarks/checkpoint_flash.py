@@ -16,20 +16,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Runs a command and prints its peak RSS (kB, Linux ru_maxrss of the waited-for child) and wall time as JSON.
-RUNNER = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-rc = subprocess.call(sys.argv[1:])
-wall = time.perf_counter() - t
-print("@@" + json.dumps({"rc": rc, "wall_s": wall, "rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
+from _common import measure
 
 LOAD = r"""
 import json, sys, time, torch
@@ -47,17 +39,6 @@ print("@@" + json.dumps({"load_s": load, "prefill_s": pre, "logits_shape": list(
                          "finite": bool(torch.isfinite(logits).all()), "packed_linears": packed}))
 """
 
-
-def measure(cmd: list[str]) -> dict:
-    p = subprocess.run([sys.executable, "-c", RUNNER, *cmd], capture_output=True, text=True)
-    res: dict = {"loadavg_5min_after": os.getloadavg()[1]}  # the machine may be shared: record how busy it was
-    for line in (p.stdout + p.stderr).splitlines():
-        if line.startswith("@@"):
-            res.update(json.loads(line[2:]))
-    if p.returncode or res.get("rc"):
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return res
 
 
 def main() -> int:

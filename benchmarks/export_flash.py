@@ -25,28 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-RUNNER = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-rc = subprocess.call(sys.argv[1:])
-r = resource.getrusage(resource.RUSAGE_CHILDREN)
-print("@@" + json.dumps({"rc": rc, "wall_s": time.perf_counter() - t, "rss_kb": r.ru_maxrss, "user_s": r.ru_utime,
-                         "sys_s": r.ru_stime}))
-"""
+from _common import measure
+
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
 GB = 1e9
 
-
-def measure(cmd: list[str]) -> dict:
-    p = subprocess.run([sys.executable, "-c", RUNNER, *cmd], capture_output=True, text=True)
-    res: dict = {"loadavg_1min_after": os.getloadavg()[0]}
-    for line in (p.stdout + p.stderr).splitlines():
-        if line.startswith("@@"):
-            res.update(json.loads(line[2:]))
-    if p.returncode or res.get("rc"):
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return res
 
 
 def ckpt_bytes(ck: Path) -> int:

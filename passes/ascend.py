@@ -207,4 +207,4 @@ class AscendProfile(ir.passes.InPlacePass):
         model.functions.clear()
         for domain in [d for d in model.opset_imports if d != ""]:
             del model.opset_imports[domain]
-        return Counted(model, True, {k: v for k, v in counts.items()})
+        return Counted(model, True, counts)

@@ -56,9 +56,9 @@ def _split(text: str, sep: str) -> list[tuple[str, str]]:
     return [tuple(p.split("=", 1)) for p in text.split(sep) if p]
 
 
-def load_kernels(path: Path) -> dict[tuple[str, str], list[KernelRow]]:
-    """(domain, op) -> rows of a table written by passes/rules/extract_kernels.py."""
-    table: dict[tuple[str, str], list[KernelRow]] = defaultdict(list)
+def tsv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, {column: cell}) of each row of a rule table: '#' comments and blank lines skipped, the first
+    other line names the columns."""
     columns = None
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.startswith("#") or not line.strip():
@@ -67,7 +67,13 @@ def load_kernels(path: Path) -> dict[tuple[str, str], list[KernelRow]]:
         if columns is None:
             columns = cells
             continue
-        r = dict(zip(columns, cells))
+        yield n, dict(zip(columns, cells))
+
+
+def load_kernels(path: Path) -> dict[tuple[str, str], list[KernelRow]]:
+    """(domain, op) -> rows of a table written by passes/rules/extract_kernels.py."""
+    table: dict[tuple[str, str], list[KernelRow]] = defaultdict(list)
+    for n, r in tsv_rows(path):
         params = None
         if r["params"]:
             p = dict(_split(r["params"], ";"))

@@ -21,7 +21,7 @@ import onnx
 import onnx.shape_inference
 
 from dsv4.passes.ascend_limits import Limit, parse_notes, type_names
-from dsv4.passes.lint import RULES, Profile, Report, Violation, Walk
+from dsv4.passes.lint import RULES, Profile, Report, Violation, Walk, tsv_rows
 
 ASCEND = RULES / "ascend"
 PARSER_TABLE = ASCEND / "atc_onnx_ops.tsv"
@@ -69,15 +69,8 @@ class ParserRow:
 
 
 def load_parser_table(path: Path = PARSER_TABLE) -> dict[tuple[str, str], ParserRow]:
-    table, columns = {}, None
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.startswith("#") or not line.strip():
-            continue
-        cells = line.split("\t")
-        if columns is None:
-            columns = cells
-            continue
-        r = dict(zip(columns, cells))
+    table = {}
+    for n, r in tsv_rows(path):
         limits, unparsed = parse_notes(r["notes"])
         table[(r["domain"], r["op_type"])] = ParserRow(r["domain"], r["op_type"], parse_versions(r["opset_versions"]),
                                                        r["opset_versions"], limits, unparsed, f"{path.name}:{n}")
