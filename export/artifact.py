@@ -28,6 +28,7 @@ from . import custom_ops
 from .manifest_check import check_graphs, check_schema
 from .package import package
 from .signature import signature, state_layout
+from .state_bytes import state_bytes
 from .static import device_section
 from .targets import Target
 
@@ -137,6 +138,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
         "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,
         "source": pkg.pop("source"), "config": config, "graphs": graph_info,
         "state": state_layout(args, dtype, shapes and shapes["batch"]),
+        "state_bytes": state_bytes(config, state_layout(args, dtype)),  # per token / per sequence (export/state_bytes.py)
         "static": shapes,
         **({"ascend": device_section(graph_info, shapes)} if target.name == "ascend" else {}),
         "dsv4_ops": sorted({op for g in graph_info.values() for op in g["dsv4_nodes"]}),
@@ -167,6 +169,8 @@ def load_manifest(art: str | Path, verify: bool = True, schema: bool = True) -> 
     if isinstance(man, dict) and (man.get("format") != FORMAT or man.get("format_version") != FORMAT_VERSION):
         raise ArtifactError(f"{mpath}: format {man.get('format')!r} v{man.get('format_version')}, "
                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    if isinstance(man, dict) and isinstance(man.get("config"), dict):  # written before the compact state existed:
+        man["config"].setdefault("compact_state", False)  # its state holds floats (docs/state_layout.md)
     if schema:
         check_schema(mpath, man)
     elif not (isinstance(man, dict) and isinstance(man.get("files"), dict) and isinstance(man.get("graphs"), dict)):
@@ -296,23 +300,20 @@ def inspect_artifact(art: str | Path, verify: bool = False) -> dict:
             w["elements"] += n
             w["bytes"] += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     out["weights_by_dtype"] = dict(sorted(weights.items()))
-    cap = man["config"]["max_seq_len"]
-    per_tok = fixed = 0.0
-    for e in man["state"]:
-        n = 1
-        for d in e["shape"][1:]:
-            n *= d
-        b = n * {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}[e["dtype"]]
-        if e["per_token"]:
-            per_tok += b / cap
-        else:
-            fixed += b
     for k in ("static", "ascend"):  # static shapes, and what runs the artifact on the device (export/static.py)
         if man.get(k):
             out[k] = man[k]
-    out["state"] = {"bytes_per_token": per_tok, "fixed_bytes_per_sequence": fixed, "max_seq_len": cap,
-                    "entries": len(man["state"])}
+    sb = state_bytes(man["config"], man["state"])  # recomputed: manifests before state_bytes existed have none
+    out["state"] = {"bytes_per_token": sb["per_token"], "fixed_bytes_per_sequence": sb["fixed_per_sequence"],
+                    "bytes_per_sequence": sb["per_sequence"], "max_seq_len": sb["max_seq_len"],
+                    "entries": len(man["state"]), "layout": state_layout_name(man["state"]),
+                    "per_layer_kind": sb["per_layer_kind"], **({"release": sb["release"]} if "release" in sb else {})}
     return out
+
+
+def state_layout_name(state: list[dict]) -> str:
+    """"compact" when the state holds codes (uint8 entries: models/kvstore.py), else "float"."""
+    return "compact" if any(e["dtype"] == "uint8" for e in state) else "float"
 
 
 def _histogram(nodes) -> dict[str, int]:

@@ -257,6 +257,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     transform = with_experts(transform, experts)
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("quant_sim", quant_sim)) if v is not None}
     overrides |= check_sims(quant_sims or {})
+    if not tgt.compact_state:  # ascend: the simulated values stay floats in the state (docs/state_layout.md)
+        overrides["compact_state"] = False
     if tgt.dynamic and (batch is not None or prefill_lengths is not None):
         raise ValueError(f"--batch / --prefill-lengths: {tgt.name} exports dynamic shapes; they apply to static "
                          "targets (ascend)")

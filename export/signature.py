@@ -26,7 +26,7 @@ LOGITS = "logits"
 BATCH, LENGTH = "batch", "length"
 GRAPHS = ("prefill", "decode")
 _ONNX_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
-               torch.int64: "int64"}
+               torch.int64: "int64", torch.uint8: "uint8"}  # uint8: the compact state's codes (models/kvstore.py)
 
 
 def past(name: str) -> str:

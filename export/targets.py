@@ -26,6 +26,7 @@ class Target:
     note: str
     trace_opset: int | None = None  # opset the graph is traced and transformed at, when the target's is lower
     cpu_fallback: bool = False  # accelerator EPs that this onnxruntime build lacks are dropped (parity on CPU)
+    compact_state: bool = True  # FP8/MXFP4 codes in the decode state where simulated (docs/state_layout.md)
 
     @property
     def graph_opset(self) -> int:
@@ -51,7 +52,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ascend", "ort", 17, ("CANNExecutionProvider", "CPUExecutionProvider"), ("float16", "float32"), False,
            "Huawei Ascend through ATC (atc --framework=5) or ONNX Runtime's CANN EP: plain ai.onnx opset 17, static "
            "shapes (batch, prefill buckets, decode-state capacity), float16 with float32 islands",
-           trace_opset=18, cpu_fallback=True),
+           trace_opset=18, cpu_fallback=True, compact_state=False),  # float16 state: no uint8 code tables on ATC
 )}
 
 

@@ -87,6 +87,9 @@ class ModelArgs:
     act_quant_sim: bool | None = None  # FP8 act rounding in front of FP8/FP4-stored linears; None: as quant_sim
     kv_quant_sim: bool | None = None  # FP8 rounding of the KV nope dims (window and compressed); None: as quant_sim
     index_quant_sim: bool | None = None  # Hadamard + FP4 rounding of indexer queries and keys; None: as quant_sim
+    # decode state in the paper's layout where the kv / index simulation is on (FP8 KV codes + E8M0 scales + rope
+    # dims, MXFP4 indexer keys; models/kvstore.py); None: on; False: the simulated values as floats (ascend)
+    compact_state: bool | None = None
     bos_token_id: int = 0
     eos_token_id: int = 1
 
@@ -131,6 +134,14 @@ class ModelArgs:
     @property
     def sim_index(self) -> bool:
         return self.quant_sim if self.index_quant_sim is None else self.index_quant_sim
+
+    @property
+    def compact_kv(self) -> bool:  # KV rows stored as FP8 codes (docs/state_layout.md)
+        return self.sim_kv and self.compact_state is not False
+
+    @property
+    def compact_index(self) -> bool:  # indexer keys stored as MXFP4
+        return self.sim_index and self.compact_state is not False
 
     def ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]

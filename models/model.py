@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, quant
-from .config import INDEX_FP4_BLOCK, KV_FP8_BLOCK, ModelArgs
+from . import kernels, kvstore, quant
+from .config import INDEX_FP4_BLOCK, ModelArgs
 from .quant import up
 from .state import init_state, layer_state
 from .stored import check_act_blocks
@@ -143,10 +143,12 @@ class Compressor(nn.Module):
         self.wkv = Linear(args.dim, c * head_dim, "bf16", dtype=torch.float32)  # run in fp32 like the reference
         self.wgate = Linear(args.dim, c * head_dim, "bf16", dtype=torch.float32)
         self.norm = RMSNorm(head_dim, args.norm_eps)
+        self.store = kvstore.index_store(args) if rotate else kvstore.kv_store(args)  # how entries are cached
 
-    def forward(self, x: Tensor, pos0: Tensor, kv_state: Tensor, score_state: Tensor, cache: Tensor,
-                inv_freq: Tensor, n: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B,T,D] new tokens from pos0 [B]; returns (cache', kv_state', score_state').
+    def forward(self, x: Tensor, pos0: Tensor, kv_state: Tensor, score_state: Tensor, cache: dict[str, Tensor],
+                inv_freq: Tensor, n: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """x [B,T,D] new tokens from pos0 [B]; cache: the entries in self.store's layout (its parts); returns
+        (cache', kv_state', score_state').
 
         The partial block in the state and the new tokens are laid out block-aligned (A); every block of A
         that is complete after this call yields one entry, written to cache slot (block start) // m.
@@ -171,20 +173,18 @@ class Compressor(nn.Module):
                                    kv_state[:, :m], score_state[:, :m], ov)  # [B,nb,d] fp32
         n_new = (r + (T if n is None else n)) // m  # [B,1] entries completed by this call
         # entry post-processing: norm, RoPE at the block's first position, quantisation simulation
-        e = self.norm(entries.to(cache.dtype))
+        e = self.norm(entries.to(x.dtype))
         block_pos = (pos0.unsqueeze(1) - r.squeeze(1).unsqueeze(1)) + m * torch.arange(nb, device=x.device)
         cos, sin = rope_cos_sin(block_pos, inv_freq)
         e = apply_rope(e, cos, sin)
-        if self.rotate and self.args.sim_index:
-            e = quant.fp4_act_qdq(up(e) @ quant.hadamard_matrix(d, e.device, up(e).dtype), INDEX_FP4_BLOCK).to(e.dtype)
-        elif not self.rotate and self.args.sim_kv:
-            nope = d - self.args.rope_head_dim
-            e = torch.cat([quant.fp8_act_qdq(e[..., :nope], KV_FP8_BLOCK), e[..., nope:]], -1)
+        if self.rotate and self.args.sim_index:  # the store rounds to FP4 (simulation) or keeps MXFP4 codes
+            e = up(e) @ quant.hadamard_matrix(d, e.device, up(e).dtype)
+        e, _ = self.store.encode(e, x.dtype)  # the entries' parts (kv: FP8 rounding of the nope dims)
         # cache write: slot s takes entry j = s - pos0 // m when 0 <= j < n_new
-        N = cache.shape[1]
+        N = next(iter(cache.values())).shape[1]
         j = torch.arange(N, device=x.device).unsqueeze(0) - torch.div(pos0, m, rounding_mode="floor").unsqueeze(1)
         src = torch.where((j >= 0) & (j < n_new), N + j, torch.arange(N, device=x.device).unsqueeze(0))
-        cache = torch.gather(torch.cat([cache, e], 1), 1, src.unsqueeze(-1).expand(B, N, d))
+        cache = kvstore.gather_rows(cache, e, src)
         # new partial state: the rows of the block still open; with overlap also the last complete block
         ar = torch.arange(m, device=x.device).unsqueeze(0)
         ci = (n_new * m + ar).unsqueeze(-1).expand(B, m, C)
@@ -216,11 +216,14 @@ class Indexer(nn.Module):
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
         if self.args.sim_index:
             q = quant.fp4_act_qdq(up(q) @ quant.hadamard_matrix(self.head_dim, q.device, up(q).dtype), INDEX_FP4_BLOCK).to(q.dtype)
-        keys, ikv, iscore = self.compressor(x, pos0, st["index_kv"], st["index_score"], st["index"], inv_freq, n)
+        store = self.compressor.store
+        cache, ikv, iscore = self.compressor(x, pos0, st["index_kv"], st["index_score"], kvstore.read(st, "index", store),
+                                             inv_freq, n)
+        keys = store.decode(cache, x.dtype)  # [B,N,di]
         w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,T,Hi]
         n_visible = torch.div(positions(pos0, T) + 1, 4, rounding_mode="floor")
         idx = kernels.indexer_topk(q, keys, w, n_visible, self.args.index_topk)  # [B,T,topk], -1 padded
-        return idx, {"index": keys, "index_kv": ikv, "index_score": iscore}
+        return idx, kvstore.named("index", cache) | {"index_kv": ikv, "index_score": iscore}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +247,7 @@ class Attention(nn.Module):
             self.compressor = Compressor(args, self.ratio, hd, rotate=False)
             self.indexer = Indexer(args, dtype) if self.ratio == 4 else None
         self.register_buffer("inv_freq", rope_inv_freq(args, self.ratio > 0), persistent=False)
+        self.kv_store = kvstore.kv_store(args)  # window rows: floats, or FP8 codes (models/kvstore.py)
 
     def forward(self, x: Tensor, pos0: Tensor, st: dict[str, Tensor], n: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -252,7 +256,7 @@ class Attention(nn.Module):
         new state)."""
         a = self.args
         B, T, _ = x.shape
-        W, H, hd, nope = a.window_size, a.n_heads, a.head_dim, a.nope_head_dim
+        W, H, hd = a.window_size, a.n_heads, a.head_dim
         pos = positions(pos0, T)
         cos, sin = rope_cos_sin(pos, self.inv_freq)  # [B,T,rd/2]
         # projections (SPEC §4.1)
@@ -261,19 +265,21 @@ class Attention(nn.Module):
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + a.norm_eps)
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,T,hd], one head, K = V
-        if a.sim_kv:
-            kv = torch.cat([quant.fp8_act_qdq(kv[..., :nope], KV_FP8_BLOCK), kv[..., nope:]], -1)
+        rows, kv = self.kv_store.encode(kv, kv.dtype)  # the new rows' parts; kv: with the FP8 rounding (sim)
         # window: candidate positions p-W+1 .. p, either in this call's rows or in the ring (slot = pos % W)
-        ring = st["window"]
+        ring = kvstore.read(st, "window", self.kv_store)
         cand = pos.unsqueeze(-1) - (W - 1) + torch.arange(W, device=x.device)  # [B,T,W]
         p0 = pos0.view(B, 1, 1)
         win_idx = torch.where(cand >= p0, W + cand - p0, torch.remainder(cand, W))
         win_idx = torch.where(cand < 0, torch.full_like(cand, -1), win_idx)
-        new = {"window": self._ring_write(ring, kv, pos0, n)}
-        banks, idx = [ring, kv], [win_idx]
+        new = kvstore.named("window", self._ring_write(ring, rows, pos0, n))
+        banks, idx = [self.kv_store.decode(ring, kv.dtype), kv], [win_idx]
         if self.ratio:
-            cache, ckv, cscore = self.compressor(x, pos0, st["comp_kv"], st["comp_score"], st["kv"], self.inv_freq, n)
-            new.update(kv=cache, comp_kv=ckv, comp_score=cscore)
+            store = self.compressor.store
+            parts, ckv, cscore = self.compressor(x, pos0, st["comp_kv"], st["comp_score"], kvstore.read(st, "kv", store),
+                                                 self.inv_freq, n)
+            new.update(kvstore.named("kv", parts), comp_kv=ckv, comp_score=cscore)
+            cache = store.decode(parts, kv.dtype)  # [B,N,hd]
             off = W + T
             if self.indexer is not None:
                 sel, ist = self.indexer(x, cq, pos0, st, cos, sin, self.inv_freq, n)
@@ -292,15 +298,15 @@ class Attention(nn.Module):
         z = torch.einsum("btgi,gri->btgr", o, self.wo_a.dense_weight().view(G, a.o_lora_rank, -1).to(o.dtype))
         return self.wo_b(z.flatten(2)), new
 
-    def _ring_write(self, ring: Tensor, kv: Tensor, pos0: Tensor, n: Tensor | None = None) -> Tensor:
-        """Slot s takes the last new (real) row whose position is ≡ s (mod W), else keeps its old row."""
-        B, W = ring.shape[0], ring.shape[1]
-        T = kv.shape[1] if n is None else n
-        s = torch.arange(W, device=kv.device).unsqueeze(0)
+    def _ring_write(self, ring: dict[str, Tensor], rows: dict[str, Tensor], pos0: Tensor, n: Tensor | None = None
+                    ) -> dict[str, Tensor]:
+        """Slot s takes the last new (real) row whose position is ≡ s (mod W), else keeps its old row (per part)."""
+        W = next(iter(ring.values())).shape[1]
+        T = next(iter(rows.values())).shape[1] if n is None else n
+        s = torch.arange(W, device=pos0.device).unsqueeze(0)
         first = torch.remainder(s - pos0.unsqueeze(1), W)  # first new row that lands in slot s
         last = first + W * torch.div((T - 1 - first).clamp_min(0), W, rounding_mode="floor")
-        src = torch.where(first < T, W + last, s)
-        return torch.gather(torch.cat([ring, kv], 1), 1, src.unsqueeze(-1).expand(B, W, ring.shape[-1]))
+        return kvstore.gather_rows(ring, rows, torch.where(first < T, W + last, s))
 
 
 # ---------------------------------------------------------------------------------------------------------

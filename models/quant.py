@@ -86,22 +86,34 @@ def _blockwise(x: torch.Tensor, block: int) -> torch.Tensor:
     return up(x).unflatten(-1, (x.shape[-1] // block, block))
 
 
-def fp8_act_qdq(x: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """Quantise to e4m3 per `block` channels with power-of-two scales and dequantise (reference act_quant)."""
+def fp8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (e4m3 grid values [..., n/block, block], power-of-two scales [..., n/block, 1]), both in the
+    accumulation dtype: the reference act_quant before the multiply. value * scale is exact (no rounding)."""
     xb = _blockwise(x, block)
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
     s = ceil_pow2(amax * (1.0 / FP8_MAX))
-    y = fp8_e4m3_round((xb / s).clamp(-FP8_MAX, FP8_MAX)) * s
-    return y.flatten(-2).to(x.dtype)
+    return fp8_e4m3_round((xb / s).clamp(-FP8_MAX, FP8_MAX)), s
+
+
+def fp4_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (e2m1 grid values [..., n/block, block], power-of-two scales [..., n/block, 1]), as fp8_blocks
+    with the reference fp4_act_quant's scale rule."""
+    xb = _blockwise(x, block)
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+    s = ceil_pow2(amax * (1.0 / FP4_MAX))
+    return e2m1_round((xb / s).clamp(-FP4_MAX, FP4_MAX)), s
+
+
+def fp8_act_qdq(x: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """Quantise to e4m3 per `block` channels with power-of-two scales and dequantise (reference act_quant)."""
+    v, s = fp8_blocks(x, block)
+    return (v * s).flatten(-2).to(x.dtype)
 
 
 def fp4_act_qdq(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """Quantise to e2m1 per `block` channels with power-of-two scales and dequantise (reference fp4_act_quant)."""
-    xb = _blockwise(x, block)
-    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
-    s = ceil_pow2(amax * (1.0 / FP4_MAX))
-    y = e2m1_round((xb / s).clamp(-FP4_MAX, FP4_MAX)) * s
-    return y.flatten(-2).to(x.dtype)
+    v, s = fp4_blocks(x, block)
+    return (v * s).flatten(-2).to(x.dtype)
 
 
 def hadamard_matrix(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

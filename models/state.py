@@ -14,6 +14,11 @@ Keys are ``pos`` (int64 [B], the next absolute position of each sequence) and ``
 
 With overlap (m = 4) rows 0..m-1 hold the previous complete block and rows m..2m-1 the current one.
 The MTP block has its own state with the key prefix ``mtp{j}``.
+
+Where the kv / index simulations are on (and ``compact_state`` is not False) window, kv and index are held in
+the paper's layout instead, as the parts of models/kvstore.py: ``window_fp8`` / ``window_scale`` /
+``window_rope`` (and the same for ``kv``) and ``index_fp4`` / ``index_scale``; ``float_view`` gives the float
+values of either layout under the plain names (docs/state_layout.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kvstore
 from .config import ModelArgs
 
 
@@ -37,17 +43,21 @@ class StateEntry:
 def layer_entries(args: ModelArgs, layer: int, prefix: str, dtype: torch.dtype) -> list[StateEntry]:
     r = args.ratio(layer)
     acc = torch.float64 if dtype == torch.float64 else torch.float32  # compressor partial states
-    out = [StateEntry(f"{prefix}.window", (args.window_size, args.head_dim), dtype, 0.0, False)]
+    kv, index = kvstore.kv_layout(args, dtype), kvstore.index_layout(args, dtype)
+
+    def rows(kind: str, n: int, layout, per_token: bool) -> list[StateEntry]:
+        return [StateEntry(f"{prefix}.{kvstore.entry_name(kind, p)}", (n, w), dt, 0.0, per_token)
+                for p, w, dt in layout]
+
+    out = rows("window", args.window_size, kv, False)
     if r > 0:
         c = 2 if r == 4 else 1
-        out += [
-            StateEntry(f"{prefix}.kv", (args.max_seq_len // r, args.head_dim), dtype, 0.0, True),
+        out += rows("kv", args.max_seq_len // r, kv, True) + [
             StateEntry(f"{prefix}.comp_kv", (c * r, c * args.head_dim), acc, 0.0, False),
             StateEntry(f"{prefix}.comp_score", (c * r, c * args.head_dim), acc, float("-inf"), False),
         ]
     if r == 4:
-        out += [
-            StateEntry(f"{prefix}.index", (args.max_seq_len // r, args.index_head_dim), dtype, 0.0, True),
+        out += rows("index", args.max_seq_len // r, index, True) + [
             StateEntry(f"{prefix}.index_kv", (2 * r, 2 * args.index_head_dim), acc, 0.0, False),
             StateEntry(f"{prefix}.index_score", (2 * r, 2 * args.index_head_dim), acc, float("-inf"), False),
         ]
@@ -112,3 +122,23 @@ def compact_bytes_per_token(args: ModelArgs) -> float:
         elif r == 128:
             total += kv_entry / 128
     return total
+
+
+def float_view(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with every compact cache decoded to its float values under the plain name (``{layer}.window``,
+    ``.kv``, ``.index``; the simulated values, bit for bit); plain entries pass through. Parity and tests compare
+    states of either layout through this view (the layout is read from the entries present; `args` gives dims)."""
+    out = dict(state)
+    stores = {"window": kvstore.Fp8Rows(args.nope_head_dim, args.rope_head_dim),
+              "kv": kvstore.Fp8Rows(args.nope_head_dim, args.rope_head_dim),
+              "index": kvstore.Mxfp4Keys(args.index_head_dim)}
+    for kind, store in stores.items():
+        first = f".{kind}_{store.parts[0]}"
+        for name in [k for k in state if k.endswith(first)]:
+            prefix = name[: -len(first)]
+            parts = kvstore.read({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")},
+                                 kind, store.to(next(iter(state.values())).device))
+            for p in store.parts:
+                out.pop(f"{prefix}.{kvstore.entry_name(kind, p)}")
+            out[f"{prefix}.{kind}"] = store.decode(parts, dtype)
+    return out

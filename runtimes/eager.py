@@ -123,6 +123,8 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
     cfg = manifest["config"]
     overrides = {"max_seq_len": cfg["max_seq_len"], "quant_sim": cfg["quant_sim"]}
     overrides |= {f: cfg[f] for f in SIM_SWITCHES.values() if cfg.get(f) is not None}  # the three switches
+    if cfg.get("compact_state") is not None:  # the state layout of the artifact (docs/state_layout.md)
+        overrides["compact_state"] = cfg["compact_state"]
     src = manifest["source"]
     if checkpoint is None and src["kind"] == "checkpoint":
         checkpoint = src["path"]

@@ -66,6 +66,21 @@ __all__ = ["TOLERANCES", "Comparison", "ParityReport", "Reference", "Tolerance",
 
 
 # ---- the artifact side ------------------------------------------------------------------------------------------
+def state_view(man: dict) -> Callable[[dict], dict]:
+    """numpy state -> the state compared: compact caches (FP8 / MXFP4 codes, models/kvstore.py) decoded to their
+    float values under the plain names, so a code that one fp32 ulp flipped is judged by the value it stands for,
+    like a float state's (docs/state_layout.md); a float-layout state passes through (the eager model's state may
+    be of either layout: the view reads it from the entries)."""
+    import torch
+
+    from dsv4.models.config import ModelArgs
+    from dsv4.models.state import float_view
+
+    args, dtype = ModelArgs(**man["config"]), getattr(torch, man["dtype"])
+    return lambda st: {k: v.numpy() for k, v in float_view({k: torch.from_numpy(np.ascontiguousarray(v))
+                                                             for k, v in st.items()}, args, dtype).items()}
+
+
 def _layer_sort_key(name: str):
     m = re.match(r"(\d+)\.", name)
     return (int(m.group(1)) if m else -1, name)
@@ -166,7 +181,9 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
                                                                "steps": steps, "optimization": optimization,
                                                                "backend": backend}, per_layer=per_layer)
         rep.seconds = dict(ref.seconds) | {"artifact load": time.perf_counter() - t}
-        names = [n for n in gen.names]
+        view = state_view(man)
+        fresh = view(ref.fresh)
+        names = list(fresh)  # the compared state: compact caches as their float values
 
         def taps():
             return dict(getattr(gen, "layer_outputs", {}) or {}) if per_layer else {}
@@ -176,17 +193,17 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
             t = time.perf_counter()
             logits = gen.prefill(ref.ids)
             rep.seconds["artifact prefill"] = time.perf_counter() - t
-            got_pre = (logits, {n: np.asarray(gen.state[n]) for n in names}, taps())
+            got_pre = (logits, view({n: np.asarray(gen.state[n]) for n in gen.names}), taps())
         eag = ref.eager
 
         def written_prefill(k, n, r, g, noise):
-            fresh = ref.fresh[n]
-            return changed_rows(fresh, r) | changed_rows(fresh, g) | np.any(
-                [changed_rows(fresh, nz[k][1][n]) for nz in noise], axis=0) if noise else \
-                changed_rows(fresh, r) | changed_rows(fresh, g)
+            f = fresh[n]
+            return changed_rows(f, r) | changed_rows(f, g) | np.any(
+                [changed_rows(f, nz[k][1][n]) for nz in noise], axis=0) if noise else \
+                changed_rows(f, r) | changed_rows(f, g)
 
-        noise_pre = [[(nz.prefill_logits, nz.prefill_state, nz.prefill_layers)] for nz in ref.noise]
-        _rows(rep, tol, "prefill", [(eag.prefill_logits, eag.prefill_state, eag.prefill_layers)], [got_pre],
+        noise_pre = [[(nz.prefill_logits, view(nz.prefill_state), nz.prefill_layers)] for nz in ref.noise]
+        _rows(rep, tol, "prefill", [(eag.prefill_logits, view(eag.prefill_state), eag.prefill_layers)], [got_pre],
               noise_pre, names, written_prefill)
         rep.top1 = float(np.mean(eag.prefill_logits.argmax(-1) == logits.argmax(-1)))
 
@@ -198,18 +215,20 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
             for k in range(steps):
                 st.update(f"step {k + 1}/{steps}")
                 lk, sk = gen.run_step(ref.tokens[k], inputs[k])
-                got_steps.append((lk, {n: np.asarray(sk[n]) for n in names}, taps()))
+                got_steps.append((lk, view({n: np.asarray(sk[n]) for n in gen.names}), taps()))
             rep.seconds["artifact decode step"] = (time.perf_counter() - t) / max(steps, 1)
 
+        inputs_v = [view(s) for s in inputs]
+
         def written_step(k, n, r, g, noise):
-            before = inputs[k][n]
+            before = inputs_v[k][n]
             w = changed_rows(before, r) | changed_rows(before, g)
             for nz in noise:
                 w |= changed_rows(before, nz[k][1][n])
             return w
 
-        ref_steps = list(zip(eag.step_logits, eag.step_states, eag.step_layers))
-        noise_steps = [list(zip(nz.step_logits, nz.step_states, nz.step_layers)) for nz in ref.noise]
+        ref_steps = list(zip(eag.step_logits, map(view, eag.step_states), eag.step_layers))
+        noise_steps = [list(zip(nz.step_logits, map(view, nz.step_states), nz.step_layers)) for nz in ref.noise]
         _rows(rep, tol, "decode", ref_steps, got_steps, noise_steps, names, written_step)
 
         # free running: the artifact on its own state, fed the driving tokens; greedy agreement

@@ -205,7 +205,8 @@ def test_capacity_comes_from_the_config_unless_given(tmp_path, capsys):
     small = load_model(d, max_seq_len=256)
     with torch.no_grad():
         _, st = small(IDS)
-    assert small.args.max_seq_len == 256 and st["1.kv"].shape == (2, 64, 128) and st["1.index"].shape == (2, 64, 128)
+    # compact state (docs/state_layout.md): tiny's 64 nope dims as FP8 codes, 128 indexer dims as 64 MXFP4 bytes
+    assert small.args.max_seq_len == 256 and st["1.kv_fp8"].shape == (2, 64, 64) and st["1.index_fp4"].shape == (2, 64, 64)
     assert cli(["info", str(d)]) == 0 and "1048576" in capsys.readouterr().out
 
 

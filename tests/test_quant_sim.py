@@ -15,6 +15,7 @@ from dsv4.models.checkpoint import load_model, round_like_checkpoint_, validate
 from dsv4.models.checkpoint_io import INDEX
 from dsv4.models.checkpoint_write import write_synthetic
 from dsv4.models.config import ConfigError, ModelArgs, simulations
+from dsv4.models.state import float_view
 from dsv4.runtimes.verdict import tolerance_for
 
 IDS = torch.randint(0, 512, (1, 130), generator=torch.Generator().manual_seed(11))
@@ -23,9 +24,11 @@ ON = dict(act_quant_sim=True, kv_quant_sim=True, index_quant_sim=True)
 
 
 def run(args: ModelArgs, dtype=torch.float32, ids=IDS):
+    """(logits, state) with compact caches as their float values (models/state.float_view)."""
     m = init_random_(DeepseekV4(args, dtype), seed=0).eval()
     with torch.no_grad():
-        return m(ids)
+        lg, st = m(ids)
+    return lg, float_view(st, args, dtype)
 
 
 # ---- the switches ------------------------------------------------------------------------------------------------
@@ -79,17 +82,18 @@ def test_each_switch_changes_only_its_part(monkeypatch):
     only its tensors land on their grid (KV nope dims on FP8 per 64, indexer keys on FP4 per 32)."""
     calls: list[str] = []
     fp8, fp4 = quant.fp8_act_qdq, quant.fp4_act_qdq
+    blocks8, blocks4 = quant.fp8_blocks, quant.fp4_blocks  # every rounding (qdq or compact state codes) runs these
 
-    def count8(x, block=128):
+    def count8(x, block):
         calls.append(f"fp8/{block}")
-        return fp8(x, block)
+        return blocks8(x, block)
 
-    def count4(x, block=32):
+    def count4(x, block):
         calls.append(f"fp4/{block}")
-        return fp4(x, block)
+        return blocks4(x, block)
 
-    monkeypatch.setattr(quant, "fp8_act_qdq", count8)
-    monkeypatch.setattr(quant, "fp4_act_qdq", count4)
+    monkeypatch.setattr(quant, "fp8_blocks", count8)
+    monkeypatch.setattr(quant, "fp4_blocks", count4)
     ids = IDS  # 32 CSA entries > index_topk 16: the indexer rounding changes the selection
     base = preset("tiny", quant_sim=False)
     nope = base.nope_head_dim

@@ -47,9 +47,7 @@ def run(a: argparse.Namespace) -> int:
             t.add_row(x[0], str(x[1]), y[0], str(y[1]))
         print_table(t, con)
         print("dsv4 ops: " + ", ".join(f"{k}×{v}" for k, v in gi["dsv4"].items()))
-    s = info["state"]
-    print(f"state: {s['bytes_per_token']:,.1f} bytes/token (compressed caches at max_seq_len={s['max_seq_len']}) "
-          f"+ {nbytes(s['fixed_bytes_per_sequence'])} fixed per sequence, {s['entries']} tensors")
+    _state(info["state"])
     w = Table(title=f"weights ({info['weights']})")
     for c in ("dtype", "tensors", "elements", "bytes"):
         w.add_column(c, justify="right" if c != "dtype" else "left")
@@ -58,6 +56,23 @@ def run(a: argparse.Namespace) -> int:
     print_table(w, con)
     _device(info)
     return 0
+
+
+def _state(s: dict) -> None:
+    """Bytes per token and per sequence; per layer kind; the released models' figures from them (plain lines)."""
+    print(f"state ({s['layout']} layout): {s['bytes_per_token']:,.1f} bytes/token (compressed caches, amortised) "
+          f"+ {nbytes(s['fixed_bytes_per_sequence'])} fixed per sequence; {nbytes(s['bytes_per_sequence'])} per "
+          f"sequence as allocated at max_seq_len={s['max_seq_len']:,}; {s['entries']} tensors")
+    for kind, k in s["per_layer_kind"].items():
+        print(f"  one {kind} layer: {k['per_token']:,.2f} bytes/token + {nbytes(k['fixed'])} fixed "
+              f"({k['layers']} in this artifact)")
+    for name, r in s.get("release", {}).items():
+        mix = ", ".join(f"{c} {k}" for k, c in r["layers"].items())
+        if r["missing"]:
+            print(f"  {name} ({mix}): needs a layer of each kind; this artifact has no {', '.join(r['missing'])}")
+        else:
+            print(f"  {name} ({mix}): {r['per_token']:,.1f} bytes/token + {nbytes(r['fixed_per_sequence'])} fixed "
+                  f"per sequence; {nbytes(r['per_token'] * 1048576 + r['fixed_per_sequence'])} per sequence at 1M")
 
 
 def _device(info: dict) -> None:
