@@ -142,3 +142,25 @@ def float_view(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dty
                 out.pop(f"{prefix}.{kvstore.entry_name(kind, p)}")
             out[f"{prefix}.{kind}"] = store.decode(parts, dtype)
     return out
+
+
+def as_layout(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` (either layout) in the layout `args` gives, e.g. an eager model's compact state for an artifact that
+    keeps floats (ascend) or the other way round. Lossless both ways: the float values are on the codes' grids."""
+    want = state_entries(args, dtype)
+    if all(e.name in state for e in want) and len(want) == len(state):
+        return state
+    fv = float_view(state, args, dtype)
+    stores = {"index": kvstore.index_store(args), "window": kvstore.kv_store(args), "kv": kvstore.kv_store(args)}
+    out, encoded = {}, {}
+    for e in want:
+        if e.name in fv:
+            out[e.name] = fv[e.name]
+            continue
+        prefix, kind = e.name.split(".", 1)
+        base, part = kind.split("_", 1)
+        key = f"{prefix}.{base}"
+        if key not in encoded:
+            encoded[key] = stores[base].to(fv[key].device).encode(fv[key], dtype)[0]
+        out[e.name] = encoded[key][part]
+    return out

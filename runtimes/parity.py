@@ -66,6 +66,25 @@ __all__ = ["TOLERANCES", "Comparison", "ParityReport", "Reference", "Tolerance",
 
 
 # ---- the artifact side ------------------------------------------------------------------------------------------
+def artifact_layout(man: dict) -> Callable[[dict], dict]:
+    """numpy state of either layout -> the artifact's (models/state.as_layout): the eager model that drives the
+    teacher-forced steps may hold its state compact while the artifact keeps floats (ascend), or the reverse."""
+    import torch
+
+    from dsv4.models.config import ModelArgs
+    from dsv4.models.state import as_layout
+
+    args, dtype = ModelArgs(**man["config"]), getattr(torch, man["dtype"])
+    names = [e["name"] for e in man["state"]]
+
+    def convert(st: dict) -> dict:
+        if list(st) == names:
+            return st
+        t = as_layout({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in st.items()}, args, dtype)
+        return {k: t[k].numpy() for k in names}
+    return convert
+
+
 def state_view(man: dict) -> Callable[[dict], dict]:
     """numpy state -> the state compared: compact caches (FP8 / MXFP4 codes, models/kvstore.py) decoded to their
     float values under the plain names, so a code that one fp32 ulp flipped is judged by the value it stands for,
@@ -210,11 +229,12 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         # decode, step by step from the eager state of each step
         got_steps = []
         inputs = ref.inputs
+        to_artifact = artifact_layout(man)
         with stage(f"artifact decode: {steps} steps from the eager state") as st:
             t = time.perf_counter()
             for k in range(steps):
                 st.update(f"step {k + 1}/{steps}")
-                lk, sk = gen.run_step(ref.tokens[k], inputs[k])
+                lk, sk = gen.run_step(ref.tokens[k], to_artifact(inputs[k]))
                 got_steps.append((lk, view({n: np.asarray(sk[n]) for n in gen.names}), taps()))
             rep.seconds["artifact decode step"] = (time.perf_counter() - t) / max(steps, 1)
 

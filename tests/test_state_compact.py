@@ -18,7 +18,7 @@ from dsv4.models.kvstore import (
     fp8_codes,
     fp8_table,
 )
-from dsv4.models.state import float_view, init_state, state_entries
+from dsv4.models.state import as_layout, float_view, init_state, state_entries
 
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16}
 
@@ -125,6 +125,13 @@ def test_tiny_state_round_trip_is_bit_exact(twins):
             lw, sw = wide(tok, sw)
     assert same_bits(lc, lw)
     assert bit_mismatches(float_view(sc, compact.args, torch.float32), sw) == []
+    # either layout converts to the other (parity feeds an eager state to an artifact this way): codes -> floats
+    # without a bit lost; floats -> codes without a value lost (an indexer key's -0 comes back +0: the FP4
+    # simulation itself rounds a -0 input to +0)
+    assert bit_mismatches(as_layout(sc, wide.args, torch.float32), sw) == []
+    back = float_view(as_layout(sw, compact.args, torch.float32), compact.args, torch.float32)
+    assert set(as_layout(sw, compact.args, torch.float32)) == set(sc) and set(back) == set(sw)
+    assert all(torch.equal(back[k], sw[k]) for k in sw) and bit_mismatches(back, sw) in ([], ["1.index", "3.index"])
     # the check can fail: one flipped stored code (a written KV row of layer 2, a key of layer 1) is named
     for entry, row in (("2.kv_fp8", 1), ("1.index_fp4", 3), ("0.window_scale", 7)):
         bad = dict(sc)
@@ -165,3 +172,24 @@ def test_release_bytes_per_token_from_two_layers(name, dtype, want):
     whole = state_bytes(cfg | {"compress_ratios": list(full.compress_ratios)}, state_layout(full, dtype))
     assert whole["per_token"] == pytest.approx(r["per_token"])
     assert r["per_token"] <= {"flash": 3600, "pro": 5100}[name] or dtype == torch.float32
+
+
+# ---- the artifact --------------------------------------------------------------------------------------------
+def test_artifact_state_is_compact_and_reported(tiny_artifact, capsys):
+    """tiny as shipped (simulations on): uint8 code entries in the manifest and the graphs, bytes per token / per
+    sequence in the manifest and in ``dsv4 inspect``; the manifest's figure is the one state_entries give."""
+    from dsv4.export.artifact import inspect_artifact, load_manifest
+    from dsv4.tools.cli import main
+
+    man = load_manifest(tiny_artifact, verify=False)
+    st = {e["name"]: e for e in man["state"]}
+    assert st["2.kv_fp8"]["dtype"] == "uint8" and st["2.kv_rope"]["dtype"] == "float32" and "2.kv" not in st
+    dec = {i["name"]: i["dtype"] for i in man["graphs"]["decode"]["inputs"]}
+    assert dec["past.1.index_fp4"] == "uint8" and dec["past.0.window_scale"] == "uint8"
+    sb = man["state_bytes"]
+    # tiny per CSA layer: (64 + 1 + 64 x 4) / 4 + (64 + 4) / 4 = 97.25; HCA: 321 / 128
+    assert sb["per_layer_kind"]["csa"]["per_token"] == 97.25 and sb["per_token"] == pytest.approx(2 * 97.25 + 321 / 128)
+    assert inspect_artifact(tiny_artifact)["state"]["layout"] == "compact"
+    assert main(["inspect", str(tiny_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "state (compact layout): 197.0 bytes/token" in out and "one csa layer: 97.25 bytes/token" in out
