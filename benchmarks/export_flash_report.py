@@ -9,9 +9,15 @@ GB = 1e9
 BEGIN, END = "<!-- export_flash:begin -->", "<!-- export_flash:end -->\n"
 
 
+def _trace(st: dict) -> str:
+    """Trace seconds: one step trace (export/step.py), or the older prefill + decode pair."""
+    return f"{st['trace step']:.0f} s" if "trace step" in st else \
+        f"{st.get('trace prefill', 0):.0f} + {st.get('trace decode', 0):.0f} s"
+
+
 def _slices_table(slices: dict) -> list[str]:
     rows = ["| slice | checkpoint | artifact (× ckpt) | weights.data / bytes read | peak RSS | weights written | "
-            "trace prefill + decode | fold + passes | save + check + sha256 | wall | CPU user + sys |",
+            "trace (step, or prefill + decode) | fold + passes | save + check + sha256 | wall | CPU user + sys |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for _key, s in sorted(slices.items(), key=lambda kv: (kv[1]["preset"], kv[1]["layers"], kv[1]["sparse"])):
         st, ex = s["stages"], s["export"]
@@ -22,8 +28,7 @@ def _slices_table(slices: dict) -> list[str]:
             f"| {s['preset']} {s['layers']} layers{' (sparse)' if s['sparse'] else ''}, --experts {s['experts']} | "
             f"{s['ckpt_bytes'] / GB:.2f} GB | {s['artifact_bytes'] / GB:.2f} GB ({s['ratio']:.3f}×) | "
             f"{s['weights_bytes'] / max(s['source_bytes'], 1):.3f}× | "
-            f"{ex['rss_kb'] * 1e3 / GB:.2f} GB | {rate} | {st.get('trace prefill', 0):.0f} + "
-            f"{st.get('trace decode', 0):.0f} s | {fold:.0f} s | {_save(st):.0f} s | {ex['wall_s']:.0f} s | "
+            f"{ex['rss_kb'] * 1e3 / GB:.2f} GB | {rate} | {_trace(st)} | {fold:.0f} s | {_save(st):.0f} s | {ex['wall_s']:.0f} s | "
             f"{ex['user_s']:.0f} + {ex['sys_s']:.0f} s |")
     notes = [f"- {s['preset']} {s['layers']} layers: {s['note']}" for s in slices.values() if s.get("note")]
     return rows + ([""] + notes if notes else [])

@@ -42,6 +42,7 @@ from . import artifact, custom_ops
 from .layers import trace_by_kind
 from .signature import BATCH, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
 from .static import finalize, static_shapes
+from .step import split_step
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
 from .targets import Target, get_target
 from .weights import CheckpointSource, ModuleSource, skeleton
@@ -117,11 +118,13 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
             wrapper, example = _Prefill(model), (ids,)
             dyn = ({0: dyn_batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
             inputs = [INPUT_IDS]
-    else:
+    else:  # "decode" (one token), or "step" (dynamic targets: T tokens after the past, export/step.py)
         wrapper = _Decode(model)
         state = init_state(args, b, model.dtype, "meta")
-        example = (torch.zeros(b, 1, dtype=torch.int64, device="meta"), *[state[k] for k in names])
-        dyn = None if static else ({0: dyn_batch}, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
+        n = 7 if graph == "step" else 1  # torch.export specialises an example size of 1: trace the step at 7
+        example = (torch.zeros(b, n, dtype=torch.int64, device="meta"), *[state[k] for k in names])
+        ids_dims = {0: dyn_batch} | ({1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)} if n > 1 else {})
+        dyn = None if static else (ids_dims, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
         inputs = [INPUT_IDS] + [past(k) for k in names]
     with _quiet():
         prog = torch.onnx.export(
@@ -302,12 +305,20 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         graphs: dict[str, ir.Model] = {}
         stacks: dict[str, list[str]] = {}
         counts: dict[str, dict] = {}
+        traced: dict[str, ir.Model] = {}
+        if not shapes:  # dynamic: one trace of the step serves both graphs (export/step.py)
+            t = time.perf_counter()
+            with stage("trace step"):
+                traced = split_step(trace_by_kind(skel, "step", tgt), args, skel.dtype)
+            seconds["trace step"] = time.perf_counter() - t
         for kind, length in plan:
             graph = graph_key(kind, length)
             t = time.perf_counter()
-            with stage(f"trace {graph}"):
-                m = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length)  # layers.py
-            seconds[f"trace {graph}"] = time.perf_counter() - t
+            if graph not in traced:
+                with stage(f"trace {graph}"):
+                    traced[graph] = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length)  # layers.py
+                seconds[f"trace {graph}"] = time.perf_counter() - t
+            m = traced.pop(graph)
             t = time.perf_counter()
             with stage(f"fold + functions {graph}"):
                 stacks.update(stack_experts(m))

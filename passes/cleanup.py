@@ -78,6 +78,18 @@ class ExactSimplify(ir.passes.InPlacePass):
         return Counted(model, n > 0, {"no-ops": n})
 
 
+class DedupConstants(ir.passes.InPlacePass):
+    """Merge folded constant initializers of equal value (weights hidden), so that CSE sees one value: the folder
+    makes a fresh initializer for every folded shape piece, and two copies of one [1] keep otherwise identical
+    shape computations (and what they feed, e.g. two act-quant chains of one input) apart."""
+
+    def call(self, model: ir.Model) -> Counted:
+        before = len(model.graph.initializers)
+        with weights_hidden(model):
+            common.DeduplicateInitializersPass(size_limit=FOLD_MAX_ELEMENTS)(model)
+        return Counted(model, len(model.graph.initializers) < before, {})
+
+
 class Cleanup(ir.passes.InPlacePass):
     """The whole cleanup family in one pass; counts the nodes each step removed."""
 
@@ -85,7 +97,7 @@ class Cleanup(ir.passes.InPlacePass):
         counts: dict[str, int] = {}
         modified = False
         steps = (("fold", FoldConstants()), ("no-ops", ExactSimplify()),
-                 ("identity", common.IdentityEliminationPass()), ("cse", common.CommonSubexpressionEliminationPass()),
+                 ("identity", common.IdentityEliminationPass()), ("dedup", DedupConstants()), ("cse", common.CommonSubexpressionEliminationPass()),
                  ("dead", common.RemoveUnusedNodesPass()), ("functions", common.RemoveUnusedFunctionsPass()),
                  ("opsets", common.RemoveUnusedOpsetsPass()), ("sort", common.TopologicalSortPass()))
         for name, step in steps:
@@ -94,6 +106,6 @@ class Cleanup(ir.passes.InPlacePass):
             modified |= res.modified
             if name == "functions":
                 counts[name] = funcs - len(model.functions)
-            elif name not in ("opsets", "sort"):
+            elif name not in ("opsets", "sort", "dedup"):
                 counts[name] = before - nodes(model)
         return Counted(model, modified, counts)

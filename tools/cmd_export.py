@@ -74,6 +74,8 @@ def summary(man: dict, path) -> object:
         secs = man["export_seconds"].get(f"trace {g}", 0) + man["export_seconds"].get(f"fold {g}", 0)
         t.add_row(g, str(info["nodes"]), ops, str(len(info["functions"])), nbytes(man["files"][info["file"]]["bytes"]),
                   f"{secs:.1f} s")
+    if "trace step" in man["export_seconds"]:  # one trace served both graphs (export/step.py)
+        t.add_row("trace step", "", "", "", "", f"{man['export_seconds']['trace step']:.1f} s")
     w = man["files"][man["weights_file"]]["bytes"]
     t.add_row("weights", "", "", "", nbytes(w), f"{man['export_seconds'].get('weights', 0):.1f} s")
     return _with_passes(t, man)
