@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="expert parallelism: one artifact per rank under --out, E/N routed experts each, the rest "
+                        "replicated; run with dsv4 generate --ranks N or torchrun (docs/scale.md)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,10 @@ def run(a: argparse.Namespace) -> int:
 
     if (a.checkpoint is None) == (a.preset is None):
         raise ValueError("export: give either CHECKPOINT_DIR or --preset NAME")
+    if getattr(a, "ranks", None) is not None:  # expert-parallel artifacts (tools/cmd_ranks.py)
+        from .cmd_ranks import export as export_ranks
+
+        return export_ranks(a)
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
                           weights=a.weights, experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len, quant_sim=False if a.no_quant_sim else None,
                           quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},

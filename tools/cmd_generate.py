@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="ort", choices=("ort", "tvm"), help="runtime that runs the artifact")
     p.add_argument("--tvm-target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"), help="with --backend tvm")
     p.add_argument("--compiled", help="with --backend tvm: a `dsv4 compile` directory (default: compile now)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="an expert-parallel artifact (export --ranks N): launch its N ranks on this machine")
+    p.add_argument("--threads", type=int, default=None, help="with --ranks: ONNX Runtime threads per rank "
+                   "(default: cores / ranks)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +55,13 @@ def run(a: argparse.Namespace) -> int:
     check_sampling(a.max_new_tokens, *(v if v is not None else d for v, d in zip(given.values(), (0.0, 1.0, 0))),
                    a.seed, stop, flag=True)  # before any work
     ids = parse_ids(a.prompt_ids) if a.prompt is None else None
-    if a.backend == "tvm":
+    if getattr(a, "ranks", None) is not None:  # launch the ranks, each runs this command (tools/cmd_ranks.py)
+        from .cmd_ranks import generate
+
+        return generate(a)
+    if getattr(a, "generator", None) is not None:  # one rank of a launched run
+        gen = a.generator
+    elif a.backend == "tvm":
         from dsv4.runtimes.tvm import Generator as TVMGenerator
 
         gen = TVMGenerator(a.artifact, compiled=a.compiled, target=a.tvm_target)

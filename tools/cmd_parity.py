@@ -27,16 +27,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    import sys
+    from dsv4.runtimes.parity import run_parity
 
-    from rich.console import Console
+    from .cmd_ranks import parity as parity_ranks
+    from .cmd_ranks import ranks_of
 
-    from dsv4.runtimes.parity import plain_lines, render, run_parity
-
+    if ranks_of(a.artifact) is not None:  # expert-parallel: the ranks launched here (tools/cmd_ranks.py)
+        return parity_ranks(a, lambda rep: _show(a, rep))
     rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
                      seed=a.seed, optimization=a.optimization, backend=a.backend, threads=a.threads,
                      tvm_options={"target": a.tvm_target, "compiled": a.compiled}, per_layer=a.per_layer,
                      progress=None)
+    return _show(a, rep)
+
+
+def _show(a: argparse.Namespace, rep) -> int:
+    import sys
+
+    from rich.console import Console
+
+    from dsv4.runtimes.parity import plain_lines, render
+
     if a.json:
         print(json.dumps(rep.to_json(), indent=2, default=float))
     elif sys.stdout.isatty():

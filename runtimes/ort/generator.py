@@ -10,6 +10,7 @@ from dsv4.export.signature import INPUT_IDS, LENGTHS, graph_key, past, present
 from dsv4.runtimes.base import CapacityError, generation_defaults
 from dsv4.runtimes.base import Generator as _Base
 
+from .distributed import rank_artifact
 from .session import load_sessions
 
 
@@ -23,6 +24,7 @@ class Generator(_Base):
     def __init__(self, art: str | Path, providers: list[str] | None = None, optimization: str = "all",
                  threads: int | None = None, spinning: bool = False, verify: bool = True, layer_taps: bool = False):
         super().__init__()
+        art = rank_artifact(art)  # a ranks artifact (export/ranks.py): join the group, run this rank's artifact
         self.art = Path(art)
         # layer_taps: run copies of the graphs that also output every decoder layer's streams (layer_outputs)
         self._taps = layer_taps

@@ -125,6 +125,10 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
     for k, v in ort_settings(man).get("environment", {}).items():
         os.environ.setdefault(k, str(v))
     so, disabled = session_options(man, optimization, threads, spinning)
+    if man.get("rank"):  # one rank of an expert-parallel artifact (export/ranks.py): the all-reduce kernel
+        from .distributed import session_library
+
+        session_library(man, so)
     models: dict = {g: str(art / info["file"]) for g, info in man["graphs"].items()}
     if layer_taps:  # in-memory graphs read their external weights from the artifact directory
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(art.resolve()))
@@ -135,4 +139,8 @@ def load_sessions(art: str | Path, providers: list[str] | None = None, optimizat
         provs = [("CANNExecutionProvider", cann) if p == "CANNExecutionProvider" else p for p in provs]
     sessions = {g: ort.InferenceSession(m, so, providers=provs, disabled_optimizers=disabled)
                 for g, m in models.items()}
+    if man.get("rank"):  # a failed all-reduce raises CollectiveError from run()
+        from .distributed import wrap_sessions
+
+        sessions = wrap_sessions(man, sessions)
     return man, sessions
