@@ -51,12 +51,13 @@ def run(a: argparse.Namespace) -> int:
     t.add_row("MTP blocks", f"{n['mtp'] / 1e9:.3f} B")
     t.add_row("layers: window-only / CSA (4) / HCA (128)", f"{kinds[0]} / {kinds[4]} / {kinds[128]}")
     print_table(t, con)
-    s = Table(title=f"decode state (BF16 storage, max_seq_len={args.max_seq_len})")
+    layout = "FP8 KV + MXFP4 index codes, rope dims BF16" if args.compact_kv or args.compact_index else "BF16"
+    s = Table(title=f"decode state ({layout}, max_seq_len={args.max_seq_len}; docs/state_layout.md)")
     s.add_column("layer kind")
     s.add_column("bytes / token", justify="right")
     for k, v in bytes_per_token(args, torch.bfloat16).items():
         s.add_row(k, f"{v:,.1f}")
-    s.add_row("paper layout (FP8 KV + MXFP4 index), total", f"{compact_bytes_per_token(args):,.1f}")
+    s.add_row("paper's figure (scales padded to 8 B), total", f"{compact_bytes_per_token(args):,.1f}")
     print_table(s, con)
     from dsv4.models.checkpoint import checkpoint_totals, official_totals
 
