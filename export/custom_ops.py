@@ -139,7 +139,9 @@ REGISTRY: tuple[OpRow, ...] = (
               "normalised x route_scale weights, routed experts, + the shared expert's output"),
 )
 ROWS: dict[str, OpRow] = {r.name: r for r in REGISTRY}
-BY_TORCH_OP: dict[str, OpRow] = {r.torch_op: r for r in REGISTRY if r.torch_op}
+# torch ops translated into a row's node besides its own torch_op: name -> (row, translation)
+ALIASES = {"dsv4::moe_experts_stacked": "MoEExperts"}
+BY_TORCH_OP: dict[str, OpRow] = {r.torch_op: r for r in REGISTRY if r.torch_op} | {a: ROWS[n] for a, n in ALIASES.items()}
 
 
 def moe_experts_reference(x, weights, idx, w1, w2, w3, swiglu_limit: float, act_quant: int):
@@ -232,7 +234,21 @@ def _moe_experts(x, weights, idx, w1, w2, w3, s1, s2, s3, fmt, swiglu_limit, act
                             swiglu_limit=float(swiglu_limit), act_quant=int(act_quant))
 
 
-_SPECIAL = {"MoEExperts": _moe_experts, "SparseAttn": _sparse_attn}
+def _moe_experts_stacked(x, weights, idx, w1, w2, w3, s1, s2, s3, fmt, swiglu_limit, act_quant):
+    """The stacked form: the weights are already [E, ...] initializers (export.py names them as the per-expert stack
+    would be named); packed ones are dequantised with the dsv4 dequant ops, as in _moe_experts."""
+    from dsv4.models import kernels
+
+    def weight(w, s):
+        if fmt == kernels.FMT_FLOAT:
+            return w
+        return (_dsv4.Fp8Dequant if fmt == kernels.FMT_FP8 else _dsv4.Mxfp4Dequant)(w, s)
+
+    return _dsv4.MoEExperts(x, weights, idx, weight(w1, s1), weight(w2, s2), weight(w3, s3),
+                            swiglu_limit=float(swiglu_limit), act_quant=int(act_quant))
+
+
+_SPECIAL = {"MoEExperts": _moe_experts, "SparseAttn": _sparse_attn, "dsv4::moe_experts_stacked": _moe_experts_stacked}
 
 
 def translation_table() -> dict:
@@ -249,6 +265,9 @@ def translation_table() -> dict:
         ns, name = row.torch_op.split("::")
         overload = getattr(getattr(torch.ops, ns), name).default
         table[overload] = _SPECIAL.get(row.name) or _bare(row)
+    for alias in ALIASES:
+        ns, name = alias.split("::")
+        table[getattr(getattr(torch.ops, ns), name).default] = _SPECIAL[alias]
     return table
 
 

@@ -145,6 +145,7 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
 
 
 _EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(.*)$")
+_STACKED = re.compile(r"^(.*\.ffn\.)stacked\.(w[123]\.(?:weight|scale))$")
 
 
 def stack_experts(model: ir.Model) -> dict[str, list[str]]:
@@ -174,6 +175,17 @@ def stack_experts(model: ir.Model) -> dict[str, list[str]]:
             if not v.uses():
                 g.initializers.pop(v.name)
         stacks[name] = [v.name for v in members]
+    for v in list(g.initializers.values()):  # traced stacked (export/weights.py StackedExperts): rename, list members
+        m = _STACKED.match(v.name or "")
+        if not m:
+            continue
+        g.initializers.pop(v.name)
+        name = f"{m.group(1)}experts.{m.group(2)}"
+        n, nbytes = v.shape[0], v.const_value.nbytes
+        v.name = name
+        v.const_value = ir.ExternalTensor(PENDING, 0, nbytes, v.dtype, shape=ir.Shape(v.shape), name=name)  # bound later
+        g.register_initializer(v)
+        stacks[name] = [f"{m.group(1)}experts.{e}.{m.group(2)}" for e in range(n)]
     return stacks
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from torch import nn
 
-from dsv4.models import quant
+from dsv4.models import kernels, quant
 from dsv4.models.checkpoint import Checkpoint, parameters_on_meta, validate
 from dsv4.models.config import FP4_BLOCK, FP8_BLOCK, ModelArgs
-from dsv4.models.model import DeepseekV4, Linear
+from dsv4.models.model import DeepseekV4, Linear, MoE
 from dsv4.models.stored import check_act_blocks, set_stored, stored_format
 
 from .stream import ALIGN, WeightsFile  # noqa: F401  (re-exported: the writer lives in stream.py)
@@ -100,7 +101,7 @@ def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
     set_stored(model, _stored_of(source))  # the FP8 activation simulation follows the stored format
     check_act_blocks(model)
     if weights != "packed":
-        return model
+        return stack_for_trace(model)
     for name, mod in model.named_modules():
         if not isinstance(mod, Linear) or mod.fmt not in ("fp8", "fp4"):
             continue
@@ -113,6 +114,46 @@ def skeleton(args: ModelArgs, source, weights: str) -> DeepseekV4:
             mod.set_packed(torch.empty(o, i, **meta), torch.empty(-(-o // FP8_BLOCK), -(-i // FP8_BLOCK), **meta))
         else:
             mod.set_packed(torch.empty(o, i // 2, **meta), torch.empty(o, i // FP4_BLOCK, **meta))
+    return stack_for_trace(model)
+
+
+class _Slot(nn.Module):
+    """One stacked weight kind (w1, w2 or w3) of a layer's routed experts: weight [E, ...] (+ scale [E, ...])."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+
+
+class StackedExperts(nn.Module):
+    """A MoE layer's routed experts as ONE meta parameter per weight and scale, [E, ...], for tracing.
+
+    Why: torch.export's graph-signature bookkeeping is quadratic in the number of lifted parameters; a Flash layer
+    has 256 experts x (3 weights + 3 scales) = 1536 of them, which made one layer's trace cost minutes. The stacked
+    parameter is what the graph holds anyway (one initializer [E, ...] per kind, written from the checkpoint's
+    per-expert tensors by export/stream.py), so the traced graph is the same."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        first = experts[0].w1
+        self.fmt = (kernels.FMT_FP4 if first.fmt == "fp4" else kernels.FMT_FP8) if first.packed else kernels.FMT_FLOAT
+        self.act_quant = first.act_quant
+        self.n = len(experts)
+        for k in ("w1", "w2", "w3"):
+            lin = getattr(experts[0], k)
+            scale = lin.scale if lin.packed else None
+            setattr(self, k, _Slot(torch.empty(self.n, *lin.weight.shape, dtype=lin.weight.dtype, device="meta"),
+                                   None if scale is None else
+                                   torch.empty(self.n, *scale.shape, dtype=scale.dtype, device="meta")))
+
+
+def stack_for_trace(model: DeepseekV4) -> DeepseekV4:
+    """Replace every MoE layer's per-expert modules by a StackedExperts (in place; the skeleton only)."""
+    for mod in model.modules():
+        if isinstance(mod, MoE) and len(mod.experts) and not hasattr(mod, "stacked"):
+            mod.stacked = StackedExperts(mod.experts)
+            mod.experts = nn.ModuleList()
     return model
 
 

@@ -219,3 +219,19 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w1: l
 @moe_experts.register_fake
 def _(x, weights, idx, w1, w2, w3, s1, s2, s3, fmt, swiglu_limit, act_quant):
     return x.new_empty(x.shape, dtype=_acc(x))
+
+
+@torch.library.custom_op("dsv4::moe_experts_stacked", mutates_args=())
+def moe_experts_stacked(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                        w3: torch.Tensor, s1: torch.Tensor | None, s2: torch.Tensor | None, s3: torch.Tensor | None,
+                        fmt: int, swiglu_limit: float, act_quant: bool) -> torch.Tensor:
+    """moe_experts over stacked weights [E, ...] (and stacked scales, None for float weights): the form the
+    exporter traces, one tensor per weight kind instead of one per expert (export/weights.py stack_for_trace)."""
+    sc = [list(s.unbind(0)) if s is not None else [] for s in (s1, s2, s3)]
+    return moe_experts(x, weights, idx, list(w1.unbind(0)), list(w2.unbind(0)), list(w3.unbind(0)), *sc, fmt,
+                       swiglu_limit, act_quant)
+
+
+@moe_experts_stacked.register_fake
+def _(x, weights, idx, w1, w2, w3, s1, s2, s3, fmt, swiglu_limit, act_quant):
+    return x.new_empty(x.shape, dtype=_acc(x))

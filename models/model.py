@@ -365,6 +365,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N,D]
         w, idx = self.gate(x, ids.reshape(-1))
+        st = getattr(self, "stacked", None)
+        if st is not None:  # export: one [E, ...] parameter per weight kind (export/weights.py stack_for_trace)
+            y = kernels.moe_experts_stacked(x, w, idx, st.w1.weight, st.w2.weight, st.w3.weight, st.w1.scale,
+                                            st.w2.scale, st.w3.scale, st.fmt, self.args.swiglu_limit, st.act_quant)
+            return (y + up(self.shared_experts(x))).to(x.dtype).view(shape)
         ex = list(self.experts)
         packed = ex[0].w1.packed
         fmt = (kernels.FMT_FP4 if self.args.expert_dtype == "fp4" else kernels.FMT_FP8) if packed else kernels.FMT_FLOAT
