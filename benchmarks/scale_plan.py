@@ -51,8 +51,9 @@ def state_bytes(args, tokens: int, compact: bool) -> float:
     """Decode-state bytes of one sequence holding `tokens` positions (window ring and partial states included)."""
     import torch
 
-    fixed = bytes_per_token(args.with_(max_seq_len=max(tokens, 128)), torch.bfloat16)["fixed_per_sequence"]
-    per = compact_bytes_per_token(args) if compact else bytes_per_token(args, torch.bfloat16)["total_per_token"]
+    wide = args.with_(compact_state=False)  # the bf16 float layout (models/state.py now defaults to the compact one)
+    fixed = bytes_per_token(wide.with_(max_seq_len=max(tokens, 128)), torch.bfloat16)["fixed_per_sequence"]
+    per = compact_bytes_per_token(args) if compact else bytes_per_token(wide, torch.bfloat16)["total_per_token"]
     return fixed + per * tokens
 
 
