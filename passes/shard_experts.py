@@ -6,12 +6,14 @@ After ``lower_ort`` every MoE layer of an ort-cpu graph is a NarrowMoE (passes/l
 shared expert. This pass makes each layer expert-parallel, keeping the routing global:
 
     rel    = idx - OFFSET;  valid = 0 <= rel < COUNT          (this rank holds experts OFFSET .. OFFSET+COUNT-1)
-    used_l = ScatterElements(Slice(used, START, END), [0], [1])   (local expert 0 always "used": U >= 1)
+    used_l = Slice(used, START, END), or [1, 0, ...] when it is all 0 (U >= 1: never an empty stack)
     eids, pos  from used_l;   idx_l = Where(valid, rel, 0);   w_l = Where(valid, w, 0)
     y      = MoEExperts(x, w_l, pos[idx_l], local stacks[eids])     this rank's experts' contributions, [N, D]
     out    = Dsv4AllReduce(y) + shared                               the shared expert once, after the sum
 
-A slot routed to another rank's expert gets weight exactly 0 and points at local expert 0: its term is 0·finite = 0.
+A slot routed to another rank's expert gets weight exactly 0 and points at local expert 0: pos[0] is -1 when that
+expert is unused (the slot then hits no row of MoEExperts), else its row gets 0·w added: either way nothing changes.
+A rank whose experts serve every slot it sees computes exactly the single-rank rows (same experts, same order).
 The rank-dependent numbers are Constant nodes holding SENTINELS (values no graph computes), found by value and
 replaced per rank by export/ranks.py, which also cuts the expert stacks (listed in the model's metadata under
 SHARDED) to the rank's rows. Sentinels feed only ops with a run-time input, so no folder can fold them away.
@@ -122,16 +124,19 @@ class ShardExperts(ir.passes.InPlacePass):
         def node(op, inputs, **attrs):
             return ir.node(op, inputs, attributes=attrs, name=f"{tag}/ranks/{op}_{len(g)}")
 
-        # local mask of the experts used, local expert 0 always used (U >= 1: never an empty stack)
+        # local mask of the experts used; when none is, local expert 0 (weight 0: U >= 1, never an empty stack)
         sl = node("Slice", [used, c["start"], c["end"], axis0])
-        ul = node("ScatterElements", [sl.outputs[0], zero1, one1], axis=0)
+        top = node("ReduceMax", [sl.outputs[0]], keepdims=0)
+        none = node("Equal", [top.outputs[0], zero])
+        one0 = node("ScatterElements", [sl.outputs[0], zero1, one1], axis=0)
+        ul = node("Where", [none.outputs[0], one0.outputs[0], sl.outputs[0]])
         # the slots routed to this rank: local index, else 0 with weight 0
         rel = node("Sub", [idx, c["offset"]])
         ge = node("GreaterOrEqual", [rel.outputs[0], zero])
         lt = node("Less", [rel.outputs[0], c["count"]])
         valid = node("And", [ge.outputs[0], lt.outputs[0]])
         il = node("Where", [valid.outputs[0], rel.outputs[0], zero])
-        g.insert_after(used.producer(), [sl, ul, rel, ge, lt, valid, il])
+        g.insert_after(used.producer(), [sl, top, none, one0, ul, rel, ge, lt, valid, il])
         nonzero.replace_input_with(0, ul.outputs[0])
         cumsum.replace_input_with(0, ul.outputs[0])
         gpos.replace_input_with(1, il.outputs[0])
