@@ -109,7 +109,8 @@ def versions() -> dict[str, str | None]:
 
 
 def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
-                   counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None) -> dict:
+                   counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None,
+                   all_logits: bool = True) -> dict:
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
@@ -118,7 +119,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     graph_info = {}
     for name, m in graphs.items():
-        ins, outs = signature(args, dtype, name, shapes and shapes["batch"])
+        ins, outs = signature(args, dtype, name, shapes and shapes["batch"], all_logits)
         graph_info[name] = {
             "file": f"{name}.onnx",
             "inputs": [s.to_json() for s in ins],
@@ -132,7 +133,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
     files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, OWNER)}
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "logits": "all" if all_logits else "last",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target.name, "opset": target.opset, "domain": {"dsv4": custom_ops.DOMAIN_VERSION},
         "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,

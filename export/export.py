@@ -56,14 +56,14 @@ Transform = Callable[[ir.Model, str, Target], dict]  # (model, graph name, targe
 class _Prefill(nn.Module):
     """input_ids [B,T] from position 0 -> (logits, *state): the fresh state is built inside the graph."""
 
-    def __init__(self, model: DeepseekV4):
+    def __init__(self, model: DeepseekV4, last_only: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.last_only = model, last_only
         self.names = [e.name for e in state_entries(model.args, model.dtype)]
 
     def forward(self, input_ids):
         state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        logits, new, _ = self.model.step(input_ids, state)
+        logits, new, _ = self.model.step(input_ids, state, last_only=self.last_only)
         return (logits, *[new[n] for n in self.names])
 
 
@@ -71,7 +71,7 @@ class _Decode(_Prefill):
     """input_ids [B,1] + past state -> (logits, *present state)."""
 
     def forward(self, input_ids, *past_state):
-        logits, new, _ = self.model.step(input_ids, dict(zip(self.names, past_state)))
+        logits, new, _ = self.model.step(input_ids, dict(zip(self.names, past_state)), last_only=self.last_only)
         return (logits, *[new[n] for n in self.names])
 
 
@@ -96,14 +96,15 @@ class _PaddedPrefill(_Prefill):
 
     def forward(self, input_ids, lengths):
         state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        logits, new, _ = self.model.step(input_ids, state, lengths)
+        logits, new, _ = self.model.step(input_ids, state, lengths, last_only=self.last_only)
         return (logits, *[new[n] for n in self.names])
 
 
-def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = None, length: int | None = None
-          ) -> ir.Model:
+def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = None, length: int | None = None,
+          all_logits: bool = False) -> ir.Model:
     """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors).
-    batch / length (static targets): every dim fixed, the prefill graph takes ``lengths`` (right padding)."""
+    batch / length (static targets): every dim fixed, the prefill graph takes ``lengths`` (right padding).
+    all_logits: the logits of every position (else the last real one's: ``DeepseekV4.step(last_only=True)``)."""
     args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
     static = batch is not None
     b = batch if static else 2
@@ -112,14 +113,15 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
         n = length if static else 7
         ids = torch.zeros(b, n, dtype=torch.int64, device="meta")
         if static:
-            wrapper, example, dyn = _PaddedPrefill(model), (ids, torch.ones(b, dtype=torch.int64, device="meta")), None
+            wrapper = _PaddedPrefill(model, not all_logits)
+            example, dyn = (ids, torch.ones(b, dtype=torch.int64, device="meta")), None
             inputs = [INPUT_IDS, LENGTHS]
         else:
-            wrapper, example = _Prefill(model), (ids,)
+            wrapper, example = _Prefill(model, not all_logits), (ids,)
             dyn = ({0: dyn_batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
             inputs = [INPUT_IDS]
     else:  # "decode" (one token), or "step" (dynamic targets: T tokens after the past, export/step.py)
-        wrapper = _Decode(model)
+        wrapper = _Decode(model, not all_logits)
         state = init_state(args, b, model.dtype, "meta")
         n = 7 if graph == "step" else 1  # torch.export specialises an example size of 1: trace the step at 7
         example = (torch.zeros(b, n, dtype=torch.int64, device="meta"), *[state[k] for k in names])
@@ -243,7 +245,7 @@ class ExportResult:
 def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, model: DeepseekV4 | None = None,
                     preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
                     experts: str | None = None, layers: int | None = None,
-                    max_seq_len: int | None = None, quant_sim: bool | None = None,
+                    max_seq_len: int | None = None, quant_sim: bool | None = None, all_logits: bool = False,
                     quant_sims: dict[str, bool] | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
                     prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
@@ -259,6 +261,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
 
     experts (ort-cpu, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's blocks), see
     export/stream.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
+    all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
+    real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]).
     """
     if sum(x is not None for x in (checkpoint, model, preset)) != 1:
         raise ValueError("export: give exactly one of checkpoint, model, preset")
@@ -321,14 +325,15 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         if not shapes:  # dynamic: one trace of the step serves both graphs (export/step.py)
             t = time.perf_counter()
             with stage("trace step"):
-                traced = split_step(trace_by_kind(skel, "step", tgt), args, skel.dtype)
+                traced = split_step(trace_by_kind(skel, "step", tgt, all_logits=all_logits), args, skel.dtype)
             seconds["trace step"] = time.perf_counter() - t
         for kind, length in plan:
             graph = graph_key(kind, length)
             t = time.perf_counter()
             if graph not in traced:
                 with stage(f"trace {graph}"):
-                    traced[graph] = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length)  # layers.py
+                    traced[graph] = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length,  # layers.py
+                                                  all_logits=all_logits)
                 seconds[f"trace {graph}"] = time.perf_counter() - t
             m = traced.pop(graph)
             t = time.perf_counter()
@@ -361,7 +366,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             seconds["total"] = time.perf_counter() - t0
             t = time.perf_counter()
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
-                                               WEIGHTS_FILE, shapes)
+                                               WEIGHTS_FILE, shapes, all_logits)
             manifest["export_seconds"]["manifest (sha256)"] = round(time.perf_counter() - t, 2)
             manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)

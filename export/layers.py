@@ -255,7 +255,7 @@ def _rebuild_io(g: ir.Graph, args: ModelArgs, new_inputs: dict, new_outputs: dic
     g.outputs.extend(outs)
 
 
-def trace_by_kind(model: DeepseekV4, graph: str, target, *args) -> ir.Model:
+def trace_by_kind(model: DeepseekV4, graph: str, target, *args, **kw) -> ir.Model:
     """``export.trace`` of the representative layers, instantiated for every layer of `model` (falls back to
     tracing the whole model when every layer is its own kind, or when the traced structure is not the expected
     one: the result is the same graph either way, only the cost differs)."""
@@ -263,12 +263,12 @@ def trace_by_kind(model: DeepseekV4, graph: str, target, *args) -> ir.Model:
 
     reps, of = kinds(model.args)
     if len(reps) == model.args.n_layers:
-        return trace(model, graph, target, *args)
-    m = trace(representative_model(model, reps), graph, target, *args)
+        return trace(model, graph, target, *args, **kw)
+    m = trace(representative_model(model, reps), graph, target, *args, **kw)
     try:
         instantiate(m, model.args, of)
     except LayerError as e:
         warnings.warn(f"trace {graph}: per-kind tracing not possible ({e}); tracing all {model.args.n_layers} layers",
                       stacklevel=2)
-        return trace(model, graph, target, *args)
+        return trace(model, graph, target, *args, **kw)
     return m

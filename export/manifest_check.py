@@ -123,7 +123,7 @@ def check_graphs(root: Path, where: Path, man: dict, models: dict[str, onnx.Mode
         file = info["file"]
         have = graph_io(models[g])
         try:
-            ins, outs = signature(args, dtype, g, batch)
+            ins, outs = signature(args, dtype, g, batch, man.get("logits", "all") == "all")
         except ValueError as e:
             raise ArtifactError(f"{where}: graphs[{g!r}]: {e}") from None
         for side, specs in (("inputs", ins), ("outputs", outs)):

@@ -1,6 +1,8 @@
 """I/O names and symbolic dims of the two graphs (DESIGN.md "Decode state").
 
-prefill: ``input_ids`` [batch, length]                    -> ``logits`` [batch, length, vocab] + ``present.*``
+prefill: ``input_ids`` [batch, length]                    -> ``logits`` [batch, 1, vocab] + ``present.*``
+         (the last position's logits; [batch, length, vocab] in an artifact exported with ``--all-logits``,
+         manifest ``"logits": "all"``)
 decode:  ``input_ids`` [batch, 1] + ``past.{name}`` (state) -> ``logits`` [batch, 1, vocab]      + ``present.*``
 
 Static-shape targets (ascend) export one prefill graph per bucket length, keyed ``prefill.{T}`` in the manifest
@@ -65,9 +67,10 @@ def bucket_of(key: str) -> int | None:
     return int(key.split(".", 1)[1]) if key.startswith("prefill.") else None
 
 
-def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None = None
+def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None = None, all_logits: bool = True
               ) -> tuple[list[IOSpec], list[IOSpec]]:
-    """(inputs, outputs) of `graph` ("prefill", "decode" or a static "prefill.{T}"); `batch`: static batch."""
+    """(inputs, outputs) of `graph` ("prefill", "decode" or a static "prefill.{T}"); `batch`: static batch;
+    all_logits: the prefill logits of every position (artifacts before the last-position default: no key)."""
     kind, bucket = graph_kind(graph), bucket_of(graph)
     length = (LENGTH if bucket is None else bucket) if kind == "prefill" else 1
     B = BATCH if batch is None else batch
@@ -77,7 +80,8 @@ def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None
         inputs.append(IOSpec(LENGTHS, "int64", (B,)))
     if kind == "decode":
         inputs += [IOSpec(past(s.name), s.dtype, s.dims) for s in state]
-    outputs = [IOSpec(LOGITS, "float64" if dtype == torch.float64 else "float32", (B, length, args.vocab_size))]
+    outputs = [IOSpec(LOGITS, "float64" if dtype == torch.float64 else "float32",
+                      (B, length if all_logits else 1, args.vocab_size))]
     outputs += [IOSpec(present(s.name), s.dtype, s.dims) for s in state]
     return inputs, outputs
 

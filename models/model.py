@@ -499,12 +499,14 @@ class DeepseekV4(nn.Module):
             raise ValueError(f"sequence length: position {end} exceeds max_seq_len={self.args.max_seq_len} "
                              f"(state at {int(state['pos'].max())}, {T} new tokens)")
 
-    def step(self, input_ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None
-             ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def step(self, input_ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None,
+             last_only: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The traceable forward: (logits [B,T,V], new state, final streams [B,T,hc,D] before the head).
 
         lengths [B] (int64, 1..T): each row's real tokens; the rest of the row is right padding, which changes no
-        real position's logits and never enters the state (static-shape graphs pad prompts up to a bucket)."""
+        real position's logits and never enters the state (static-shape graphs pad prompts up to a bucket).
+        last_only: logits [B,1,V] of each row's last real token (position T-1, or lengths-1) only: the head's
+        cost and the logits' bytes no longer grow with T (the default of exported prefill graphs)."""
         pos0 = state["pos"]
         X = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,T,hc,D]
         n = None if lengths is None else lengths.unsqueeze(1)  # [B,1]
@@ -512,7 +514,11 @@ class DeepseekV4(nn.Module):
         for i, layer in enumerate(self.layers):
             X, st = layer(X, input_ids, pos0, layer_state(state, str(i)), n)
             new.update({f"{i}.{k}": v for k, v in st.items()})
-        return head_logits(self, X, self.head.weight, self.args), new, X
+        H = X
+        if last_only:
+            H = X[:, -1:] if lengths is None else \
+                X.gather(1, (lengths - 1).view(-1, 1, 1, 1).expand(-1, 1, X.shape[2], X.shape[3]))
+        return head_logits(self, H, self.head.weight, self.args), new, X
 
     def forward_mtp(self, hidden: Tensor, next_ids: Tensor, state: dict[str, Tensor] | None = None,
                     depth: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:

@@ -70,7 +70,8 @@ class Generator:
 
     # ---- API --------------------------------------------------------------------------------------------------
     def prefill(self, ids) -> np.ndarray:
-        """Start fresh sequences from position 0 with `ids` [batch, length]; returns logits [batch, length, vocab]."""
+        """Start fresh sequences from position 0 with `ids` [batch, length]; returns logits [batch, 1, vocab] (the
+        last position; [batch, length, vocab] from an artifact exported with --all-logits)."""
         a = self._ids(ids, "prefill")
         if a.shape[1] > self.max_seq_len:
             raise CapacityError(f"prefill: {a.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")

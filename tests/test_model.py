@@ -275,3 +275,22 @@ def test_input_errors_name_the_problem(tiny_model):
     st["pos"] = torch.tensor([1020])
     with pytest.raises(ValueError, match="exceeds max_seq_len=1024"):
         tiny_model(torch.ones(1, 5, dtype=torch.int64), st)
+
+
+def test_last_only_logits_are_the_last_real_positions(tiny_noq):
+    """step(last_only=True) gives the last position's logits of the full step (within 1e-5: the head's matmul
+    over 1 row rounds differently than over 150), with right padding (lengths) each row's last real token's; the
+    state is bit-identical either way."""
+    from dsv4.models.state import init_state
+
+    ids = torch.tensor([IDS_400[0, :150].tolist(), IDS_400[0, 150:300].tolist()])
+    lengths = torch.tensor([150, 77])
+    with torch.no_grad():
+        full, st, _ = tiny_noq.step(ids, init_state(tiny_noq.args, 2))
+        last, st_last, _ = tiny_noq.step(ids, init_state(tiny_noq.args, 2), last_only=True)
+        pad, _, _ = tiny_noq.step(ids, init_state(tiny_noq.args, 2), lengths)
+        pad_last, _, _ = tiny_noq.step(ids, init_state(tiny_noq.args, 2), lengths, last_only=True)
+    assert last.shape == (2, 1, tiny_noq.args.vocab_size) and (last - full[:, -1:]).abs().max() <= 1e-5
+    assert all(torch.equal(st[k], st_last[k]) for k in st)
+    assert (pad_last[0, 0] - pad[0, 149]).abs().max() <= 1e-5 and (pad_last[1, 0] - pad[1, 76]).abs().max() <= 1e-5
+    assert (pad_last[1, 0] - pad[1, -1]).abs().max() > 0.1  # the padding's position is not what comes back
