@@ -110,12 +110,12 @@ def versions() -> dict[str, str | None]:
 
 def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
                    counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None,
-                   all_logits: bool = True) -> dict:
+                   all_logits: bool = True, checkpoint: Path | None = None) -> dict:
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
     # config.json, tokenizer and generation files copied in, graphs stamped; before the files are hashed
-    pkg = package(root, args, source, weights, target.name, [f"{name}.onnx" for name in graphs])
+    pkg = package(root, args, source, weights, target.name, [f"{name}.onnx" for name in graphs], checkpoint)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     graph_info = {}
     for name, m in graphs.items():

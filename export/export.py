@@ -16,7 +16,6 @@ import contextlib
 import io
 import logging
 import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -360,13 +359,11 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     path = tmp / f"{graph}.onnx"
                     onnx.save(finalize(ir.serde.serialize_model(m), tgt), path)
                     onnx.checker.check_model(str(path), full_check=True)
-                if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
-                    shutil.copy2(Path(checkpoint) / "tokenizer.json", tmp / "tokenizer.json")
             seconds["save"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             t = time.perf_counter()
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
-                                               WEIGHTS_FILE, shapes, all_logits)
+                                               WEIGHTS_FILE, shapes, all_logits, checkpoint)
             manifest["export_seconds"]["manifest (sha256)"] = round(time.perf_counter() - t, 2)
             manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)

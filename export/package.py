@@ -67,15 +67,18 @@ def generation(args, root: Path) -> dict:
     return gen
 
 
-def package(root: Path, args, source: dict, weights: str, target: str, graph_files: list[str]) -> dict:
-    """Copy the checkpoint's files into `root`, stamp the graphs; returns the manifest sections to add."""
+def package(root: Path, args, source: dict, weights: str, target: str, graph_files: list[str],
+            checkpoint: Path | None = None) -> dict:
+    """Copy the checkpoint's files into `root`, stamp the graphs; returns the manifest sections to add.
+    `checkpoint`: the directory read (also a preset's temporary synthetic one), else the source's path."""
     src = dict(source)
     ck = Path(source["path"]) if source.get("path") else None
-    if ck is not None and ck.is_dir():
-        src["identity"] = checkpoint_identity(ck)
+    files = Path(checkpoint) if checkpoint is not None else ck
+    if files is not None and files.is_dir():
+        src["identity"] = checkpoint_identity(files)
         for f in SHIPPED:
-            if (ck / f).is_file() and not (root / f).exists():
-                shutil.copy2(ck / f, root / f)
+            if (files / f).is_file() and not (root / f).exists():
+                shutil.copy2(files / f, root / f)
     if ck is not None and (ck / CONFIG).is_file() and source.get("layers") is None:
         shutil.copy2(ck / CONFIG, root / CONFIG)  # verbatim: the official file, keys this version may not read
     else:

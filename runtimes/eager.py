@@ -127,7 +127,12 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         overrides["compact_state"] = cfg["compact_state"]
     src = manifest["source"]
     if checkpoint is None and src["kind"] == "checkpoint":
-        checkpoint = src["path"]
+        checkpoint = src.get("path")
+        if checkpoint is None or not Path(checkpoint).is_dir():
+            raise ValueError(f"parity: the checkpoint the artifact was exported from ({checkpoint}) is not here; pass "
+                             "--checkpoint DIR (its identity is checked against the manifest's)")
+    if checkpoint is not None and src.get("identity"):
+        check_identity(Path(checkpoint), src["identity"])
     if checkpoint is None and src["kind"] == "synthetic":
         from dsv4.models.checkpoint_write import write_synthetic
         from dsv4.models.config import preset
@@ -140,6 +145,18 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         raise ValueError("parity: the artifact was exported from an in-memory model; pass --checkpoint DIR")
     return load_model(checkpoint, dtype=dtype, keep_quantized=manifest["weights"] == "packed", progress=False,
                       **overrides)
+
+
+def check_identity(ck: Path, want: dict) -> None:
+    """Refuse a checkpoint that is not the one the artifact was exported from: the sha256 over its index and
+    config.json (export/package.py checkpoint_identity) must equal the manifest's ``source.identity``."""
+    from dsv4.export.package import checkpoint_identity
+
+    got = checkpoint_identity(ck)
+    if got["sha256"] != want.get("sha256"):
+        raise ValueError(f"parity: {ck} is not the checkpoint this artifact was exported from (identity over "
+                         f"{', '.join(got['of']) or 'no index or config'}: {got['sha256'][:16]}…, the manifest's: "
+                         f"{str(want.get('sha256'))[:16]}…)")
 
 
 def fp64_twin(model):

@@ -56,3 +56,23 @@ def test_sessions_follow_the_manifest_settings(tiny_artifact):
     assert session_options(man | {"onnxruntime": dict(man["onnxruntime"], disabled_optimizers=[])})[1] == []
     old = {k: v for k, v in man.items() if k != "onnxruntime"}  # an artifact written before the section
     assert session_options(old)[1] == ["ConstantFolding"]
+
+
+def test_parity_refuses_a_checkpoint_that_is_not_the_source(tiny_artifact, tiny_checkpoint, tmp_path):
+    """The eager side of parity is found by identity: the source checkpoint (even moved) passes, a checkpoint
+    whose config differs by one value is refused with both identities named; a missing source path asks for
+    --checkpoint."""
+    import pytest
+
+    from dsv4.runtimes.eager import check_identity, eager_model
+
+    man = load_manifest(tiny_artifact, verify=False)
+    moved = shutil.copytree(tiny_checkpoint, tmp_path / "moved")
+    check_identity(moved, man["source"]["identity"])
+    cfg = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps(cfg | {"rope_theta": cfg["rope_theta"] * 2}))
+    with pytest.raises(ValueError, match=r"moved is not the checkpoint this artifact was exported from"):
+        eager_model(man, checkpoint=moved)
+    gone = dict(man, source=dict(man["source"], path=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="is not here; pass --checkpoint DIR"):
+        eager_model(gone)
