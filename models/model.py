@@ -21,6 +21,7 @@ from torch import nn
 from . import kernels, kvstore, quant
 from .config import INDEX_FP4_BLOCK, ModelArgs
 from .quant import up
+from .state import capacity as state_capacity
 from .state import init_state, layer_state
 from .stored import check_act_blocks
 
@@ -498,6 +499,10 @@ class DeepseekV4(nn.Module):
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence length: position {end} exceeds max_seq_len={self.args.max_seq_len} "
                              f"(state at {int(state['pos'].max())}, {T} new tokens)")
+        cap = state_capacity(state, self.args)  # a state allocated smaller (models/state.resize grows it)
+        if end > cap:
+            raise ValueError(f"sequence length: position {end} exceeds the state's capacity {cap} (state at "
+                             f"{int(state['pos'].max())}, {T} new tokens; grow it with models/state.resize)")
 
     def step(self, input_ids: Tensor, state: dict[str, Tensor], lengths: Tensor | None = None,
              last_only: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor]:

@@ -164,3 +164,39 @@ def as_layout(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtyp
             encoded[key] = stores[base].to(fv[key].device).encode(fv[key], dtype)[0]
         out[e.name] = encoded[key][part]
     return out
+
+
+def capacity(state: dict[str, torch.Tensor], args: ModelArgs) -> int:
+    """Positions `state` can hold (sequence length, the smallest over its compressed caches): a cache of R rows
+    of a ratio-m layer takes the entries of positions < R*m; entry R completes only at position (R+1)*m - 1, so
+    (R+1)*m - 1 positions fit. max_seq_len bounds it too; a model without compressed layers has only that."""
+    kinds = {"kv", "index"} | {f"kv_{p}" for p in kvstore.Fp8Rows.parts} | \
+        {f"index_{p}" for p in kvstore.Mxfp4Keys.parts}
+    caps = [(int(v.shape[1]) + 1) * args.ratio(int(k.split(".")[0])) - 1 for k, v in state.items()
+            if k[0].isdigit() and k.split(".", 1)[1] in kinds]
+    return min([args.max_seq_len, *caps])
+
+
+def resize(state: dict[str, torch.Tensor], args: ModelArgs, new_capacity: int) -> dict[str, torch.Tensor]:
+    """`state` with room for `new_capacity` positions: every compressed cache grown with its fill (or cut) to
+    new_capacity // ratio rows; the rest unchanged. Results do not change: an entry row is read only once its
+    block is complete (j < (pos+1) // m) and written only at its own slot, so rows past the position are never
+    seen (tests/test_state_compact.py). A state may start small and grow as its sequences do."""
+    if not 0 < new_capacity <= args.max_seq_len:
+        raise ValueError(f"resize: capacity {new_capacity} is not in (0, max_seq_len={args.max_seq_len}]")
+    held = int(state["pos"].max()) if state["pos"].numel() else 0
+    if new_capacity < held:
+        raise ValueError(f"resize: capacity {new_capacity} < position {held} held by the state")
+    fills = {e.name: e.fill for e in state_entries(args) if e.per_token}
+    dims = {e.name: e.name.split(".")[0] for e in state_entries(args) if e.per_token}
+    out = dict(state)
+    for name, fill in fills.items():
+        if name not in state:
+            continue
+        v, rows = state[name], new_capacity // args.ratio(int(dims[name]))
+        if rows <= v.shape[1]:
+            out[name] = v[:, :rows]
+        else:
+            pad = torch.full((v.shape[0], rows - v.shape[1], *v.shape[2:]), fill, dtype=v.dtype, device=v.device)
+            out[name] = torch.cat([v, pad], 1)
+    return out

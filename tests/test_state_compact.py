@@ -18,7 +18,7 @@ from dsv4.models.kvstore import (
     fp8_codes,
     fp8_table,
 )
-from dsv4.models.state import as_layout, float_view, init_state, state_entries
+from dsv4.models.state import as_layout, capacity, float_view, init_state, resize, state_entries
 
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16}
 
@@ -154,6 +154,35 @@ def test_state_entries_and_a_foreign_state(tiny_args):
     model = DeepseekV4(tiny_args)
     with pytest.raises(KeyError, match="window_fp8"):
         model(torch.zeros(1, 1, dtype=torch.long), init_state(tiny_args.with_(compact_state=False), 1))
+
+
+# ---- capacity: start small, grow ------------------------------------------------------------------------------
+def test_state_grows_without_changing_results(tiny_model):
+    """A state allocated for 256 positions, prefilled with 200 tokens and doubled whenever the next step would not
+    fit: 120 decode steps (crossing CSA and HCA blocks and the growth) give the logits and, grown to the full
+    capacity, the state of the full-capacity run, bit for bit. A step past a state's capacity is refused."""
+    args = tiny_model.args
+    ids = torch.randint(0, args.vocab_size, (1, 200), generator=torch.Generator().manual_seed(9))
+    small = resize(init_state(args, 1), args, 256)
+    assert capacity(small, args) == 259 and small["1.kv_fp8"].shape[1] == 64 and small["2.kv_rope"].shape[1] == 2
+    with torch.no_grad():
+        lf, sf = tiny_model(ids)
+        ls, ss = tiny_model(ids, small)
+        assert same_bits(lf, ls)
+        grown = []
+        for _ in range(120):
+            tok = lf[:, -1:].argmax(-1)
+            if int(ss["pos"].max()) + 1 > capacity(ss, args):
+                ss = resize(ss, args, 2 * capacity(ss, args) // 128 * 128)
+                grown.append(int(ss["pos"].max()))
+            lf, sf = tiny_model(tok, sf)
+            ls, ss = tiny_model(tok, ss)
+            assert same_bits(lf, ls)
+        assert grown == [259] and bit_mismatches(resize(ss, args, args.max_seq_len), sf) == []
+        with pytest.raises(ValueError, match="exceeds the state's capacity 259"):
+            tiny_model(torch.zeros(1, 60, dtype=torch.long), tiny_model(ids, resize(init_state(args, 1), args, 256))[1])
+    with pytest.raises(ValueError, match="capacity 128 < position 320"):
+        resize(ss, args, 128)
 
 
 # ---- bytes per token -----------------------------------------------------------------------------------------
