@@ -85,16 +85,21 @@ def e8m0_codes(s: Tensor) -> Tensor:
 
 # ---- the stores ---------------------------------------------------------------------------------------------
 class Plain(nn.Module):
-    """One float tensor of simulated values (the reference's layout); `sim` rounds what is written."""
+    """One float tensor of simulated values (the reference's layout). sim: what rounds the written values, None,
+    "kv" (FP8 on the first `nope` dims, per 64) or "index" (FP4 per 32)."""
 
     parts: tuple[str, ...] = ("",)
 
-    def __init__(self, width: int, sim=None):
+    def __init__(self, width: int, sim: str | None = None, nope: int = 0):
         super().__init__()
-        self.width, self.sim = width, sim
+        self.width, self.sim, self.nope = width, sim, nope
 
     def encode(self, x: Tensor, dtype: torch.dtype) -> tuple[dict[str, Tensor], Tensor]:
-        v = (x if self.sim is None else self.sim(x)).to(dtype)
+        if self.sim == "kv":
+            x = torch.cat([quant.fp8_act_qdq(x[..., :self.nope], KV_FP8_BLOCK), x[..., self.nope:]], -1)
+        elif self.sim == "index":
+            x = quant.fp4_act_qdq(x, INDEX_FP4_BLOCK)
+        v = x.to(dtype)
         return {"": v}, v
 
     def decode(self, parts: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
@@ -171,20 +176,14 @@ def kv_store(args: ModelArgs) -> nn.Module:
     """The store of KV rows (window ring and compressed entries) for `args`."""
     if args.compact_kv:
         return Fp8Rows(args.nope_head_dim, args.rope_head_dim)
-    if args.sim_kv:
-        nope = args.nope_head_dim
-        return Plain(args.head_dim, lambda x: torch.cat([quant.fp8_act_qdq(x[..., :nope], KV_FP8_BLOCK),
-                                                         x[..., nope:]], -1))
-    return Plain(args.head_dim)
+    return Plain(args.head_dim, "kv" if args.sim_kv else None, args.nope_head_dim)
 
 
 def index_store(args: ModelArgs) -> nn.Module:
     """The store of indexer keys: written after the Hadamard rotation when the index simulation is on."""
     if args.compact_index:
         return Mxfp4Keys(args.index_head_dim)
-    if args.sim_index:
-        return Plain(args.index_head_dim, lambda x: quant.fp4_act_qdq(x, INDEX_FP4_BLOCK))
-    return Plain(args.index_head_dim)
+    return Plain(args.index_head_dim, "index" if args.sim_index else None)
 
 
 def entry_name(kind: str, part: str) -> str:
