@@ -196,6 +196,8 @@ def _write_constants(m: onnx.ModelProto, offset: int, count: int) -> dict[str, i
 def _ranks_manifest(tman: dict, rows: list[dict], ranks: int, per: int) -> dict:
     cfg = tman["config"]
     layers = max(r["all_reduces"].get("decode", 0) for r in rows)
+    ordered = bool(tman["graphs"]["decode"].get("pass_counts", {}).get("ordered_sum"))
+    k = int(cfg["n_activated_experts"]) if ordered else 1
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ranks": ranks, "target": tman["target"],
         "config": cfg,
@@ -205,7 +207,9 @@ def _ranks_manifest(tman: dict, rows: list[dict], ranks: int, per: int) -> dict:
                        "shared expert", "hyper-connections", "norms", "head", "decode state"],
         "collective": COLLECTIVE | {
             "per_step": layers,
-            "bytes_per_token": layers * int(cfg["dim"]) * 4,
+            "sum": "ordered" if ordered else "partial",  # passes/ordered_sum.py: per-slot terms, single-rank order
+            "payload": "[tokens, top_k, dim] fp32 per layer" if ordered else "[tokens, dim] fp32 per layer",
+            "bytes_per_token": layers * k * int(cfg["dim"]) * 4,
             "shared_expert": "added once, after the all-reduce (replicated on every rank)"},
         "rank_dirs": rows,
     }

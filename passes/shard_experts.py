@@ -37,6 +37,8 @@ from .cleanup import Counted
 COLLECTIVE_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' PyOp domain
 ALL_REDUCE = "Dsv4AllReduce"
 SHARDED = "dsv4.ranks.sharded"  # model metadata: JSON list of the expert-stack initializers cut per rank
+SLOTS = "dsv4.ranks.slots"  # all-reduce node metadata: names of the layer's pidx / rel / valid values
+SUMS = ("ordered", "partial")  # how the routed terms are summed across ranks (passes/ordered_sum.py)
 # rank-dependent constants of the template: name -> sentinel value (int64); export/ranks.py writes the real ones
 SENTINELS = {"offset": -7_301_000_000_001, "start": -7_301_000_000_002, "end": -7_301_000_000_003,
              "count": -7_301_000_000_004}
@@ -153,12 +155,21 @@ class ShardExperts(ir.passes.InPlacePass):
         for use in uses:
             use.node.replace_input_with(use.idx, ar.outputs[0])
         g.insert_after(m, [ar])
+        # what passes/ordered_sum.py needs to exchange the per-slot terms instead (named: they survive inlining)
+        gpos.outputs[0].name, rel.outputs[0].name = f"{tag}.ranks.pidx", f"{tag}.ranks.rel"
+        valid.outputs[0].name = f"{tag}.ranks.valid"
+        ar.metadata_props[SLOTS] = json.dumps({k: f"{tag}.ranks.{k}" for k in ("pidx", "rel", "valid")})
         return stacks
 
 
-def rank_pipeline(target: str):
-    """The target's pipeline with ShardExperts right after the MoE lowering (before bodies are inlined)."""
+def rank_pipeline(target: str, rank_sum: str = "ordered"):
+    """The target's pipeline with ShardExperts right after the MoE lowering (before bodies are inlined) and, for
+    rank_sum "ordered", OrderedSum at the end (passes/ordered_sum.py)."""
+    from .ordered_sum import OrderedSum
     from .pipeline import PIPELINES
+
+    if rank_sum not in SUMS:
+        raise ValueError(f"--rank-sum: expected one of {', '.join(SUMS)}, got {rank_sum!r}")
 
     if target != "ort-cpu":
         raise ValueError(f"--ranks: expert-parallel artifacts are implemented for the ort-cpu target, not {target} "
@@ -168,12 +179,14 @@ def rank_pipeline(target: str):
         out.append((name, p))
         if name == "lower_ort":
             out.append(("shard_experts", ShardExperts()))
+    if rank_sum == "ordered":
+        out.append(("ordered_sum", OrderedSum()))
     return tuple(out)
 
 
-def rank_transform(model: ir.Model, graph: str, target) -> dict:
-    """export_artifact's ``transform`` for a rank template: the pipeline with ShardExperts."""
+def rank_transform(model: ir.Model, graph: str, target, rank_sum: str = "ordered") -> dict:
+    """export_artifact's ``transform`` for a rank template: the pipeline with ShardExperts (and OrderedSum)."""
     from .pipeline import run
 
     name = getattr(target, "name", target)
-    return run(model, name, rank_pipeline(name))
+    return run(model, name, rank_pipeline(name, rank_sum))

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", type=int, default=None,
                    help="expert parallelism: one artifact per rank under --out, E/N routed experts each, the rest "
                         "replicated; run with dsv4 generate --ranks N or torchrun (docs/scale.md)")
+    p.add_argument("--rank-sum", choices=("ordered", "partial"), default="ordered",
+                   help="with --ranks: exchange each token's top-k expert terms and add them in the single-rank order "
+                        "(ordered: bit-identical, k x the payload) or all-reduce per-rank partial sums (partial)")
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import sys
 
@@ -21,7 +22,9 @@ def export(a: argparse.Namespace) -> int:
         raise ValueError("--ranks: the rank graphs are made by the pass pipeline (shard_experts); drop --no-passes")
     if a.target != "ort-cpu":
         raise ValueError(f"--ranks: expert-parallel artifacts are implemented for --target ort-cpu, not {a.target}")
-    man = export_ranks(a.out, a.ranks, transform=rank_transform, overwrite=a.force,
+    rank_sum = getattr(a, "rank_sum", "ordered")
+    man = export_ranks(a.out, a.ranks, transform=functools.partial(rank_transform, rank_sum=rank_sum),
+                       overwrite=a.force,
                        progress=None if not a.no_progress else False,
                        checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target, weights=a.weights,
                        experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len,
@@ -39,7 +42,8 @@ def ranks_table(man: dict, path) -> object:
 
     c = man["collective"]
     t = Table(title=f"{path}  ·  {man['ranks']} ranks  ·  experts {man['experts']['per_rank']}/rank of "
-              f"{man['experts']['total']}  ·  {c['per_step']} all-reduces/step, {nbytes(c['bytes_per_token'])}/token")
+              f"{man['experts']['total']}  ·  {c['per_step']} all-reduces/step ({c['sum']} sum), "
+              f"{nbytes(c['bytes_per_token'])}/token")
     for col in ("rank", "experts", "weights", "of which experts", "replicated"):
         t.add_column(col, justify="left" if col in ("rank", "experts") else "right")
     for r in man["rank_dirs"]:
