@@ -110,7 +110,8 @@ def launch(art: str | Path, ranks: int, fn, args: tuple = (), *, threads: int | 
         elif p.exitcode is not None and p.exitcode < 0:
             lines.append(f"rank {r}: killed by {signal.Signals(-p.exitcode).name}")
         else:
-            lines.append(f"rank {r}: exit code {p.exitcode} without a report")
+            lines.append(f"rank {r}: exit code {p.exitcode} before it could report (e.g. its function or arguments "
+                         "could not be unpickled in the child: its traceback is on stderr)")
     if -1 in reports:
         lines.insert(0, reports[-1][2])
     if lines:
