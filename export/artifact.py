@@ -110,7 +110,7 @@ def versions() -> dict[str, str | None]:
 
 def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
                    counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None,
-                   all_logits: bool = True, checkpoint: Path | None = None) -> dict:
+                   all_logits: bool = True, checkpoint: Path | None = None, mtp: bool = False) -> dict:
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
@@ -119,7 +119,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
     graph_info = {}
     for name, m in graphs.items():
-        ins, outs = signature(args, dtype, name, shapes and shapes["batch"], all_logits)
+        ins, outs = signature(args, dtype, name, shapes and shapes["batch"], all_logits, mtp)
         graph_info[name] = {
             "file": f"{name}.onnx",
             "inputs": [s.to_json() for s in ins],
@@ -141,6 +141,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
         "state": state_layout(args, dtype, shapes and shapes["batch"]),
         "state_bytes": state_bytes(config, state_layout(args, dtype)),  # per token / per sequence (export/state_bytes.py)
         "static": shapes,
+        **({"mtp": True, "mtp_state": state_layout(args, dtype, mtp=True)} if mtp else {}),
         **({"ascend": device_section(graph_info, shapes)} if target.name == "ascend" else {}),
         "dsv4_ops": sorted({op for g in graph_info.values() for op in g["dsv4_nodes"]}),
         **pkg,  # tokenizer, config_json, shipped, generation, onnxruntime (export/package.py)

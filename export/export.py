@@ -39,7 +39,9 @@ from dsv4.models.state import init_state, state_entries
 
 from . import artifact, custom_ops
 from .layers import trace_by_kind
-from .signature import BATCH, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
+from .mtp import check as check_mtp
+from .mtp import trace_mtp
+from .signature import BATCH, HIDDEN, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
 from .static import finalize, static_shapes
 from .step import split_step
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
@@ -55,23 +57,25 @@ Transform = Callable[[ir.Model, str, Target], dict]  # (model, graph name, targe
 class _Prefill(nn.Module):
     """input_ids [B,T] from position 0 -> (logits, *state): the fresh state is built inside the graph."""
 
-    def __init__(self, model: DeepseekV4, last_only: bool = False):
+    def __init__(self, model: DeepseekV4, last_only: bool = False, hidden: bool = False):
         super().__init__()
-        self.model, self.last_only = model, last_only
+        self.model, self.last_only, self.hidden = model, last_only, hidden
         self.names = [e.name for e in state_entries(model.args, model.dtype)]
+
+    def out(self, logits, new, X):
+        """(logits, *present state[, the final streams "hidden" that the MTP graph reads])."""
+        return (logits, *[new[n] for n in self.names], *([X] if self.hidden else []))
 
     def forward(self, input_ids):
         state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        logits, new, _ = self.model.step(input_ids, state, last_only=self.last_only)
-        return (logits, *[new[n] for n in self.names])
+        return self.out(*self.model.step(input_ids, state, last_only=self.last_only))
 
 
 class _Decode(_Prefill):
     """input_ids [B,1] + past state -> (logits, *present state)."""
 
     def forward(self, input_ids, *past_state):
-        logits, new, _ = self.model.step(input_ids, dict(zip(self.names, past_state)), last_only=self.last_only)
-        return (logits, *[new[n] for n in self.names])
+        return self.out(*self.model.step(input_ids, dict(zip(self.names, past_state)), last_only=self.last_only))
 
 
 @contextlib.contextmanager
@@ -95,15 +99,16 @@ class _PaddedPrefill(_Prefill):
 
     def forward(self, input_ids, lengths):
         state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        logits, new, _ = self.model.step(input_ids, state, lengths, last_only=self.last_only)
-        return (logits, *[new[n] for n in self.names])
+        return self.out(*self.model.step(input_ids, state, lengths, last_only=self.last_only))
 
 
 def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = None, length: int | None = None,
-          all_logits: bool = False) -> ir.Model:
+          all_logits: bool = False, hidden: bool = False) -> ir.Model:
     """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors).
     batch / length (static targets): every dim fixed, the prefill graph takes ``lengths`` (right padding).
-    all_logits: the logits of every position (else the last real one's: ``DeepseekV4.step(last_only=True)``)."""
+    all_logits: the logits of every position (else the last real one's: ``DeepseekV4.step(last_only=True)``).
+    hidden: one more output, the final streams [B,T,hc,D] (``hidden``: the MTP graph's input, export/mtp.py);
+    graph "verify" is the step with every position's logits and the hidden output (speculative decoding)."""
     args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
     static = batch is not None
     b = batch if static else 2
@@ -112,26 +117,36 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
         n = length if static else 7
         ids = torch.zeros(b, n, dtype=torch.int64, device="meta")
         if static:
-            wrapper = _PaddedPrefill(model, not all_logits)
+            wrapper = _PaddedPrefill(model, not all_logits, hidden)
             example, dyn = (ids, torch.ones(b, dtype=torch.int64, device="meta")), None
             inputs = [INPUT_IDS, LENGTHS]
         else:
-            wrapper, example = _Prefill(model, not all_logits), (ids,)
+            wrapper, example = _Prefill(model, not all_logits, hidden), (ids,)
             dyn = ({0: dyn_batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
             inputs = [INPUT_IDS]
     else:  # "decode" (one token), or "step" (dynamic targets: T tokens after the past, export/step.py)
-        wrapper = _Decode(model, not all_logits)
+        wrapper = _Decode(model, not all_logits, hidden)
         state = init_state(args, b, model.dtype, "meta")
-        n = 7 if graph == "step" else 1  # torch.export specialises an example size of 1: trace the step at 7
+        n = 7 if graph in ("step", "verify") else 1  # torch.export specialises an example size of 1: trace at 7
         example = (torch.zeros(b, n, dtype=torch.int64, device="meta"), *[state[k] for k in names])
         ids_dims = {0: dyn_batch} | ({1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)} if n > 1 else {})
         dyn = None if static else (ids_dims, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
         inputs = [INPUT_IDS] + [past(k) for k in names]
+    outputs = [LOGITS] + [present(k) for k in names] + ([HIDDEN] if hidden else [])
+    m = onnx_trace(wrapper, example, dyn, inputs, outputs, target)
+    m.graph.name = f"dsv4_{graph}" if not static or graph == "decode" else f"dsv4_prefill_{length}"
+    return m
+
+
+def onnx_trace(wrapper: nn.Module, example: tuple, dyn, inputs: list[str], outputs: list[str], target: Target
+               ) -> ir.Model:
+    """torch.onnx.export (dynamo, no optimisation, the dsv4 translation table) of `wrapper`, initializers under
+    their official names, module scopes kept and stack traces dropped."""
     with _quiet():
         prog = torch.onnx.export(
             wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.graph_opset,
             custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
-            input_names=inputs, output_names=[LOGITS] + [present(k) for k in names], verbose=False)
+            input_names=inputs, output_names=outputs, verbose=False)
     m = prog.model
     for v in list(m.graph.initializers.values()):  # "model.layers.0..." -> the official "layers.0..."
         if v.name.startswith("model."):
@@ -140,7 +155,6 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
             m.graph.register_initializer(v)
     for node in ir.traversal.RecursiveGraphIterator(m.graph):  # keep the module scopes, drop the big stack traces
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
-    m.graph.name = f"dsv4_{graph}" if not static or graph == "decode" else f"dsv4_prefill_{length}"
     m.producer_name, m.producer_version = "dsv4", _version()
     return m
 
@@ -245,6 +259,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     preset: str | None = None, seed: int = 0, target: str = "ort-cpu", weights: str | None = None,
                     experts: str | None = None, layers: int | None = None,
                     max_seq_len: int | None = None, quant_sim: bool | None = None, all_logits: bool = False,
+                    mtp: bool = False,
                     quant_sims: dict[str, bool] | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
                     prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
@@ -261,7 +276,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     experts (ort-cpu, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's blocks), see
     export/stream.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
     all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
-    real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]).
+    real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]). mtp: also the MTP graph and the
+    multi-token verify graph of speculative decoding (export/mtp.py).
     """
     if sum(x is not None for x in (checkpoint, model, preset)) != 1:
         raise ValueError("export: give exactly one of checkpoint, model, preset")
@@ -317,6 +333,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             skel.to("meta")
         shapes = static_shapes(tgt, args, batch, prefill_lengths)
         plan = [("prefill", n) for n in (shapes["prefill_lengths"] if shapes else [None])] + [("decode", None)]
+        if mtp:
+            check_mtp(args, tgt)
+            plan += [("verify", None), ("mtp", None)]
         graphs: dict[str, ir.Model] = {}
         stacks: dict[str, list[str]] = {}
         counts: dict[str, dict] = {}
@@ -324,15 +343,20 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         if not shapes:  # dynamic: one trace of the step serves both graphs (export/step.py)
             t = time.perf_counter()
             with stage("trace step"):
-                traced = split_step(trace_by_kind(skel, "step", tgt, all_logits=all_logits), args, skel.dtype)
+                traced = split_step(trace_by_kind(skel, "step", tgt, all_logits=all_logits, hidden=mtp), args,
+                                    skel.dtype)
             seconds["trace step"] = time.perf_counter() - t
         for kind, length in plan:
             graph = graph_key(kind, length)
             t = time.perf_counter()
-            if graph not in traced:
+            if graph == "mtp":
+                with stage("trace mtp"):
+                    traced[graph] = trace_mtp(skel, tgt)
+                seconds["trace mtp"] = time.perf_counter() - t
+            elif graph not in traced:
                 with stage(f"trace {graph}"):
                     traced[graph] = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length,  # layers.py
-                                                  all_logits=all_logits)
+                                                  all_logits=all_logits or graph == "verify", hidden=mtp)
                 seconds[f"trace {graph}"] = time.perf_counter() - t
             m = traced.pop(graph)
             t = time.perf_counter()
@@ -363,7 +387,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             seconds["total"] = time.perf_counter() - t0
             t = time.perf_counter()
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
-                                               WEIGHTS_FILE, shapes, all_logits, checkpoint)
+                                               WEIGHTS_FILE, shapes, all_logits, checkpoint, mtp)
             manifest["export_seconds"]["manifest (sha256)"] = round(time.perf_counter() - t, 2)
             manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)

@@ -107,7 +107,7 @@ def instantiate(m: ir.Model, args: ModelArgs, of: list[int]) -> None:
         ext.append(list(used.values()))
         xs = [v for v in ext[r] if _is_streams(v, hc, dim)]
         outs = {id(o): o for n in b for o in n.outputs for u, _ in o.uses() if id(u) not in inside[r]}
-        xo = [o for o in outs.values() if not o.is_graph_output()]
+        xo = [o for o in outs.values() if not o.is_graph_output() or _is_streams(o, hc, dim)]  # (+ "hidden")
         if len(xs) != 1 or len(xo) != 1 or not _is_streams(xo[0], hc, dim):
             raise LayerError(f"layer {r}: expected one residual-stream input and output, found {len(xs)} and "
                              f"{[o.name for o in xo]}")
@@ -181,6 +181,10 @@ def instantiate(m: ir.Model, args: ModelArgs, of: list[int]) -> None:
         for j, v in enumerate(n.inputs):
             if v is x_out[-1]:
                 n.replace_input_with(j, cur)
+    for j, o in enumerate(list(g.outputs)):  # the final streams as an output (--mtp: "hidden")
+        if o is x_out[-1]:
+            name, o.name = o.name, f"{_TMP}{o.name}"
+            g.outputs[j], cur.name = cur, name
     _rebuild_io(g, args, new_inputs, new_outputs)
     old = [n for b in body for n in b]
     for n in old:  # detach first: remove(safe=False) would leave them users of the weights that layer reps[r] keeps

@@ -25,8 +25,10 @@ from dsv4.models.state import state_entries
 INPUT_IDS = "input_ids"
 LENGTHS = "lengths"
 LOGITS = "logits"
+HIDDEN = "hidden"  # the final streams [batch, length, hc, dim] the MTP graph reads (artifacts exported with --mtp)
 BATCH, LENGTH = "batch", "length"
-GRAPHS = ("prefill", "decode")
+GRAPHS = ("prefill", "decode")  # every artifact's two graphs
+MTP_GRAPHS = ("verify", "mtp")  # an artifact exported with --mtp also has these (export/mtp.py)
 _ONNX_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
                torch.int64: "int64", torch.uint8: "uint8"}  # uint8: the compact state's codes (models/kvstore.py)
 
@@ -55,10 +57,10 @@ def graph_key(kind: str, length: int | None = None) -> str:
 
 
 def graph_kind(key: str) -> str:
-    """"prefill" or "decode" for a manifest graph key."""
+    """The kind of a manifest graph key: "prefill", "decode", "verify" or "mtp"."""
     kind = key.split(".", 1)[0]
-    if kind not in GRAPHS:
-        raise ValueError(f"graph: expected one of {GRAPHS} (or prefill.N), got {key!r}")
+    if kind not in GRAPHS + MTP_GRAPHS:
+        raise ValueError(f"graph: expected one of {GRAPHS + MTP_GRAPHS} (or prefill.N), got {key!r}")
     return kind
 
 
@@ -67,27 +69,34 @@ def bucket_of(key: str) -> int | None:
     return int(key.split(".", 1)[1]) if key.startswith("prefill.") else None
 
 
-def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None = None, all_logits: bool = True
-              ) -> tuple[list[IOSpec], list[IOSpec]]:
-    """(inputs, outputs) of `graph` ("prefill", "decode" or a static "prefill.{T}"); `batch`: static batch;
-    all_logits: the prefill logits of every position (artifacts before the last-position default: no key)."""
+def signature(args: ModelArgs, dtype: torch.dtype, graph: str, batch: int | None = None, all_logits: bool = True,
+              hidden: bool = False) -> tuple[list[IOSpec], list[IOSpec]]:
+    """(inputs, outputs) of `graph` ("prefill", "decode" or a static "prefill.{T}"; with --mtp also "verify" and
+    "mtp", export/mtp.py); `batch`: static batch; all_logits: the prefill logits of every position (artifacts
+    before the last-position default: no key); hidden: prefill/decode also output the final streams."""
     kind, bucket = graph_kind(graph), bucket_of(graph)
-    length = (LENGTH if bucket is None else bucket) if kind == "prefill" else 1
+    length = 1 if kind == "decode" else (LENGTH if bucket is None else bucket)
     B = BATCH if batch is None else batch
-    state = [IOSpec(e.name, _ONNX_DTYPE[e.dtype], (B, *e.shape)) for e in state_entries(args, dtype)]
-    inputs = [IOSpec(INPUT_IDS, "int64", (B, length))]
+    fdt = "float64" if dtype == torch.float64 else "float32"
+    streams = IOSpec(HIDDEN, _ONNX_DTYPE[dtype], (B, length, args.hc_mult, args.dim))
+    state = [IOSpec(e.name, _ONNX_DTYPE[e.dtype], (B, *e.shape)) for e in state_entries(args, dtype, kind == "mtp")]
+    inputs = [streams] if kind == "mtp" else []
+    inputs.append(IOSpec(INPUT_IDS, "int64", (B, length)))
     if bucket is not None:
         inputs.append(IOSpec(LENGTHS, "int64", (B,)))
-    if kind == "decode":
+    if kind != "prefill":
         inputs += [IOSpec(past(s.name), s.dtype, s.dims) for s in state]
-    outputs = [IOSpec(LOGITS, "float64" if dtype == torch.float64 else "float32",
-                      (B, length if all_logits else 1, args.vocab_size))]
+    n_logits = length if (kind == "verify" or (kind == "prefill" and all_logits)) else 1
+    outputs = [IOSpec(LOGITS, fdt, (B, n_logits, args.vocab_size))]
     outputs += [IOSpec(present(s.name), s.dtype, s.dims) for s in state]
+    if kind == "verify" or (hidden and kind in ("prefill", "decode")):
+        outputs.append(streams)
     return inputs, outputs
 
 
-def state_layout(args: ModelArgs, dtype: torch.dtype, batch: int | None = None) -> list[dict]:
-    """The manifest's state table: which past.* feeds which present.*, shapes, dtypes, fills, per-token growth."""
+def state_layout(args: ModelArgs, dtype: torch.dtype, batch: int | None = None, mtp: bool = False) -> list[dict]:
+    """The manifest's state table: which past.* feeds which present.*, shapes, dtypes, fills, per-token growth
+    (`mtp`: the MTP graph's own state, manifest ``mtp_state``)."""
     return [{"name": e.name, "past": past(e.name), "present": present(e.name), "dtype": _ONNX_DTYPE[e.dtype],
              "shape": [BATCH if batch is None else batch, *e.shape], "fill": e.fill if e.fill == e.fill and abs(e.fill) != float("inf")
-             else str(e.fill), "per_token": e.per_token} for e in state_entries(args, dtype)]
+             else str(e.fill), "per_token": e.per_token} for e in state_entries(args, dtype, mtp)]

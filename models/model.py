@@ -526,7 +526,7 @@ class DeepseekV4(nn.Module):
         return head_logits(self, H, self.head.weight, self.args), new, X
 
     def forward_mtp(self, hidden: Tensor, next_ids: Tensor, state: dict[str, Tensor] | None = None,
-                    depth: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+                    depth: int = 0, last_only: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """MTP (SPEC §8): streams at positions t (from `step`) + embeddings of tokens t+1 -> logits for t+2.
 
         Returns (logits, MTP state, the MTP block's output streams for chained drafts).
@@ -539,7 +539,7 @@ class DeepseekV4(nn.Module):
         X = blk.h_proj(blk.hnorm(hidden)) + blk.e_proj(e).unsqueeze(2)  # [B,T,hc,D]
         X, st = blk(X, next_ids, pos0, layer_state(state, f"mtp{depth}"))
         new = dict(state) | {"pos": pos0 + next_ids.shape[1]} | {f"mtp{depth}.{k}": v for k, v in st.items()}
-        return head_logits(blk, X, self.head.weight, self.args), new, X
+        return head_logits(blk, X[:, -1:] if last_only else X, self.head.weight, self.args), new, X
 
     @torch.no_grad()
     def greedy(self, input_ids: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:

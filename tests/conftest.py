@@ -63,12 +63,13 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_artifact_f32(tiny_checkpoint, tmp_path_factory):
-    """tiny from the same checkpoint with --weights float32, the quantisation simulation off and --all-logits (the
-    strict parity then judges every prefill position; the default artifact returns the last one)."""
+    """tiny from the same checkpoint with --weights float32, the quantisation simulation off, --all-logits (the
+    strict parity then judges every prefill position; the default artifact returns the last one) and --mtp (the
+    MTP and verify graphs of speculative decoding, tests/test_mtp.py)."""
     from dsv4.export.export import export_artifact
 
     return export_artifact(tmp_path_factory.mktemp("art") / "tiny_f32", checkpoint=tiny_checkpoint, max_seq_len=1024,
-                           weights="float32", quant_sim=False, all_logits=True, progress=False).path
+                           weights="float32", quant_sim=False, all_logits=True, mtp=True, progress=False).path
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for part, what in (("act", "FP8 activation rounding in front of FP8/FP4-stored linears"),
                        ("kv", "FP8 rounding of the KV nope dims"), ("index", "FP4 rounding of the indexer (Hadamard)")):
         p.add_argument(f"--no-{part}-sim", action="store_true", help=f"without one simulation: {what} (docs/quant_sim.md)")
+    p.add_argument("--mtp", action="store_true",
+                   help="also mtp.onnx (the MTP block) and verify.onnx (multi-token step) for speculative decoding: "
+                        "dsv4 generate --speculative (ort targets)")
     p.add_argument("--all-logits", action="store_true",
                    help="prefill returns the logits of every position (default: of each sequence's last token)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -57,7 +60,7 @@ def run(a: argparse.Namespace) -> int:
         return export_ranks(a)
     res = export_artifact(a.out, checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target,
                           weights=a.weights, experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len,
-                          all_logits=getattr(a, "all_logits", False), quant_sim=False if a.no_quant_sim else None,
+                          all_logits=getattr(a, "all_logits", False), mtp=getattr(a, "mtp", False), quant_sim=False if a.no_quant_sim else None,
                           quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},
                           overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
                           batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", help="comma-separated token ids that end a sequence (besides the eos id)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the artifact's eos id")
     p.add_argument("--ids", action="store_true", help="print token ids, not text, even with a tokenizer")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy speculative decoding with the MTP graph (an artifact exported with --mtp; one "
+                        "prompt); prints the draft acceptance rate")
     p.add_argument("--providers", help="comma-separated ONNX Runtime execution providers")
     p.add_argument("--backend", default="ort", choices=("ort", "tvm"), help="runtime that runs the artifact")
     p.add_argument("--tvm-target", default="tvm-llvm", choices=("tvm-llvm", "tvm-cuda"), help="with --backend tvm")
@@ -81,7 +84,11 @@ def run(a: argparse.Namespace) -> int:
     text, one = tok is not None and not a.ids, len(ids) == 1
     stream = _TextStream(tok) if text and one else None
     new: list[list[int]] = [[] for _ in ids]
-    for t in gen.generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, stop, a.ignore_eos):
+    if a.speculative and (a.temperature != 0 or len(ids) != 1 or a.backend != "ort"):
+        raise ValueError("--speculative: greedy (temperature 0), one prompt, the ort backend")
+    tokens = gen.generate_speculative(ids[0], a.max_new_tokens, stop, a.ignore_eos) if a.speculative else \
+        gen.generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, stop, a.ignore_eos)
+    for t in tokens:
         for i, v in enumerate(t.tolist()):
             if v >= 0:
                 new[i].append(v)
@@ -100,6 +107,9 @@ def run(a: argparse.Namespace) -> int:
     print(f"prefill: {s['prefill_tokens']} tokens in {s['prefill_s']:.2f} s ({_rate(s['prefill_tokens'], s['prefill_s'])}"
           f"); decode: {s['decode_tokens']} tokens in {s['decode_s']:.2f} s ({_rate(s['decode_tokens'], s['decode_s'])})",
           file=sys.stderr)
+    if a.speculative:
+        print(f"speculative: {s['accepted']} of {s['drafted']} MTP drafts accepted (acceptance {s['acceptance']:.1%}), "
+              f"{s['main_calls']} main-model calls for {s['decode_tokens']} tokens", file=sys.stderr)
     return 0
 
 

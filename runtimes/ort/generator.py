@@ -66,6 +66,13 @@ class Generator(_Base):
         out = s.run(None, {INPUT_IDS: padded, LENGTHS: np.full(B, L, dtype=np.int64)})
         return out[0][:, :L], self._state(out, s)
 
+    def generate_speculative(self, prompt, max_new_tokens: int, stop=None, ignore_eos: bool = False):
+        """Greedy speculative decoding with the MTP graph (runtimes/ort/speculative.py): the tokens of
+        ``generate(prompt, max_new_tokens)`` at temperature 0; ``stats["acceptance"]`` after the loop."""
+        from .speculative import generate_speculative
+
+        return generate_speculative(self, prompt, max_new_tokens, stop, ignore_eos)
+
     def _run_decode(self, ids, state):
         s = self.sessions["decode"]
         out = s.run(None, {INPUT_IDS: ids, **{past(n): state[n] for n in self.names}})
