@@ -114,9 +114,11 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
             h.remove()
 
 
-def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: Path | None = None):
+def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: Path | None = None,
+                identity: bool = True):
     """The eager DeepseekV4 the artifact was exported from: `checkpoint` if given, else the manifest's source
-    (a checkpoint path, or a synthetic preset + seed, rebuilt in `workdir`)."""
+    (a checkpoint path, or a synthetic preset + seed, rebuilt in `workdir`). identity=False: accept a checkpoint
+    whose index/config differ from the source's (a converted or deliberately different one)."""
     from dsv4.models.checkpoint import load_model
 
     dtype = getattr(torch, manifest["dtype"])
@@ -131,7 +133,7 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         if checkpoint is None or not Path(checkpoint).is_dir():
             raise ValueError(f"parity: the checkpoint the artifact was exported from ({checkpoint}) is not here; pass "
                              "--checkpoint DIR (its identity is checked against the manifest's)")
-    if checkpoint is not None and src.get("identity"):
+    if checkpoint is not None and src.get("identity") and identity:
         check_identity(Path(checkpoint), src["identity"])
     if checkpoint is None and src["kind"] == "synthetic":
         from dsv4.models.checkpoint_write import write_synthetic

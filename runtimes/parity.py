@@ -162,14 +162,15 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
                prompt_len: int = 300, batch: int = 1, seed: int = 0, providers: list[str] | None = None,
                optimization: str = "all", threads: int | None = None, verify: bool = True, backend: str = "ort",
                tvm_options: dict | None = None, generator=None, reference: Reference | None = None,
-               per_layer: bool = False, progress: bool | None = False) -> ParityReport:
+               per_layer: bool = False, progress: bool | None = False, identity: bool = True) -> ParityReport:
     """Compare the artifact `art` (ONNX Runtime, or TVM with backend="tvm": `tvm_options` go to its Generator,
     e.g. target / compiled) with the eager model (`model`, else rebuilt from `checkpoint` or the manifest's
     source) on a prompt of `prompt_len` ids drawn with `seed`, then `steps` decode steps. `generator`: an
     already built runtime Generator for `art` (benchmarks: a CUDA library is compiled once, when loaded).
     `reference`: an ``eager_reference`` computed before (same model, prompt and steps) instead of running the
     eager side again. `per_layer`: also compare every decoder layer's output streams (ORT only). `progress`:
-    show stages on stderr (None: when stderr is a terminal)."""
+    show stages on stderr (None: when stderr is a terminal). identity=False: do not require `checkpoint` to be the
+    one the artifact was exported from (runtimes/eager.py check_identity)."""
     man = load_manifest(art, verify=verify)
     key, tol = tolerance_for(man)
     static = man.get("static")
@@ -182,7 +183,7 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         if reference is None:
             if model is None:
                 with tempfile.TemporaryDirectory(prefix="dsv4-parity-") as tmp, stage("load the eager model"):
-                    model = eager_model(man, checkpoint, Path(tmp))
+                    model = eager_model(man, checkpoint, Path(tmp), identity)
             reference = eager_reference(model, man, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed,
                                         per_layer=per_layer, stage=stage)
         ref = reference

@@ -109,8 +109,8 @@ def test_compare_counts_non_finite_mismatches():
 
 
 def test_parity_cli_passes_and_fails(tiny_artifact, tmp_path, capsys):
-    """``dsv4 parity`` finds the eager model through the manifest, prints JSON, and exits 1 against the wrong
-    weights (a checkpoint with another seed)."""
+    """``dsv4 parity`` finds the eager model through the manifest, prints JSON; refuses another checkpoint (another
+    seed: its identity differs) in one line, and with --any-checkpoint runs it and exits 1 (wrong weights)."""
     from dsv4.models.checkpoint_write import write_synthetic
     from dsv4.models.config import preset
     from dsv4.tools.cli import main
@@ -121,7 +121,10 @@ def test_parity_cli_passes_and_fails(tiny_artifact, tmp_path, capsys):
     assert out["summary"] == "PASS" and out["diverged"] == [] and all(r["criterion"] for r in out["rows"])
     assert {"eager prefill", "artifact prefill", "artifact decode step"} <= set(out["seconds"])
     other = write_synthetic(preset("tiny"), tmp_path / "seed1", seed=1, progress=False)
-    assert main(["parity", str(tiny_artifact), "--checkpoint", str(other), "--steps", "4", "--prompt-len", "40"]) == 1
+    assert main(["parity", str(tiny_artifact), "--checkpoint", str(other), "--steps", "4", "--prompt-len", "40"]) == 2
+    assert "seed1 is not the checkpoint this artifact was exported from" in capsys.readouterr().err
+    assert main(["parity", str(tiny_artifact), "--checkpoint", str(other), "--any-checkpoint", "--steps", "4",
+                 "--prompt-len", "40"]) == 1
     lines = capsys.readouterr().out.splitlines()  # not a terminal: one row a line, one problem a line, the verdict
     assert lines[-1].startswith("FAIL: diverged: prefill.logits")
     assert any(line.startswith("problem: prefill.logits: p50 ") for line in lines)

@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("parity", help="compare an artifact with the eager model (tolerances: runtimes/parity.py)")
     p.add_argument("artifact")
     p.add_argument("--checkpoint", help="checkpoint directory of the eager model (default: the manifest's source)")
+    p.add_argument("--any-checkpoint", action="store_true",
+                   help="accept a --checkpoint that is not the one the artifact was exported from (its identity, "
+                        "sha256 of index + config, differs): e.g. a converted copy")
     p.add_argument("--steps", type=int, default=64, help="greedy decode steps after the prefill")
     p.add_argument("--prompt-len", type=int, default=300)
     p.add_argument("--batch", type=int, default=1)
@@ -37,7 +40,7 @@ def run(a: argparse.Namespace) -> int:
     rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
                      seed=a.seed, optimization=a.optimization, backend=a.backend, threads=a.threads,
                      tvm_options={"target": a.tvm_target, "compiled": a.compiled}, per_layer=a.per_layer,
-                     progress=None)
+                     progress=None, identity=not a.any_checkpoint)
     return _show(a, rep)
 
 
