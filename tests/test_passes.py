@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -96,6 +97,38 @@ def test_select_ops_keeps_what_the_target_runs_and_inlines_the_rest(target):
     assert {f.name for f in model.functions.values()} >= kept
     assert all(n.metadata_props.get(DSV4_OP_KEY) in (None, "Fp8ActQdq", "Fp8Linear") for n in model.graph)
     np.testing.assert_array_equal(_ort(model, {"x": x}), ref)
+
+
+@pytest.mark.parametrize("op", ["IndexerTopK", "SparseAttn"])
+def test_query_chunked_bodies_equal_the_registry_body(op):
+    """ort-cpu inlines IndexerTopK / SparseAttn as a Loop over 256-query chunks of the registry body
+    (passes/chunk_queries.py): bit for bit the unchunked body at T below, at and across chunk edges, batch 2; a
+    static T = 1 (decode) keeps the plain body."""
+    rng = np.random.default_rng(0)
+    for t in (1, 7, 256, 300, 600):
+        if op == "IndexerTopK":
+            ins = {"q": rng.standard_normal((2, t, 4, 16), dtype=np.float32),
+                   "k": rng.standard_normal((2, 40, 16), dtype=np.float32),
+                   "w": rng.standard_normal((2, t, 4), dtype=np.float32),
+                   "n_visible": np.stack([np.minimum(np.arange(t) // 4 + 1, 40)] * 2).astype(np.int64)}
+            attrs = {"top_k": 8}
+        else:
+            ins = {"q": rng.standard_normal((2, t, 4, 16), dtype=np.float32),
+                   "kv": rng.standard_normal((2, 50, 16), dtype=np.float32),
+                   "sink": rng.standard_normal(4, dtype=np.float32),
+                   "idx": rng.integers(-1, 50, (2, t, 12)).astype(np.int64), "scale": np.array(0.25, np.float32)}
+            attrs = {}
+        out = []
+        for target in ("ort-cuda", "ort-cpu"):  # ort-cuda inlines the plain body
+            m = custom_ops.op_model(op, list(ins.values()), attrs, out_ranks=[4 if op == "SparseAttn" else 3])
+            counts = select_ops.SelectOps(target)(m).counts
+            chunked = target == "ort-cpu" and t > 1  # a static one-query call (decode) keeps the plain body
+            assert (f"query-chunked {op}" in counts) == chunked
+            assert any(n.op_type == "Loop" for n in m.graph) == chunked
+            onnx.checker.check_model(ir.serde.serialize_model(m), full_check=True)
+            out.append(_ort(m, ins))
+        assert out[1].shape == out[0].shape and out[0].shape[1] == t
+        np.testing.assert_array_equal(out[1], out[0])
 
 
 def test_cleanup_never_reads_a_weight(tmp_path):
@@ -237,7 +270,8 @@ def test_one_moe_node_per_layer_and_no_routing_topk_outside_it(raw_and_fused):
         assert not [k for k in ops if k.startswith("dsv4.")]
         contrib = {k: v for k, v in ops.items() if k.startswith("com.microsoft.")}
         assert contrib == ({MOE_OP[kind]: N_LAYERS} if MOE_OP[kind] else {}), contrib
-        topk = [n.metadata_props.get(DSV4_OP_KEY) for n in ir.load(fused / f"{g}.onnx").graph if n.op_type == "TopK"]
+        topk = [n.metadata_props.get(DSV4_OP_KEY) for n in ir.traversal.RecursiveGraphIterator(
+            ir.load(fused / f"{g}.onnx").graph) if n.op_type == "TopK"]  # prefill: the indexer's is in its Loop
         assert sorted(topk) == ["IndexerTopK"] * 2 + ["MoE"] * N_LEARNED, topk
         fp8 = counts[g]["lower_ort"]["DequantizeLinear (FP8)"]  # every packed FP8 weight: ORT's own dequant
         narrowed = counts[g]["lower_ort"]["narrowed MoE"]  # quant_sim on: the body's math over the selected experts
