@@ -3,8 +3,9 @@
 Stages (each reported by ``progress``):
 1. source: a checkpoint directory, an in-memory DeepseekV4, or a synthetic checkpoint built from a preset;
 2. skeleton: the model with meta parameters, packed where the source is packed (weights.py);
-3. trace each graph with ``torch.onnx.export(dynamo=True, optimize=False)`` and the registry's translation
-   table: every dsv4 op is ONE bare ``dsv4.*`` node; per-expert weights stacked into one initializer [E, ...];
+3. trace (tracing.py: ``torch.onnx.export(dynamo=True, optimize=False)`` with the registry's translation table;
+   every dsv4 op is ONE bare ``dsv4.*`` node; routed experts one stacked initializer [E, ...]): dynamic targets
+   trace the step once for both graphs (step.py), static ones each bucket; layers.py traces each layer kind once;
 4. fold the traced graph's own constants (never the weights), attach the function bodies, optional passes;
 5. write the weights tensor by tensor into the shared file and bind both graphs' initializers to it;
 6. save, ``onnx.checker`` (full), manifest with sha256 of every file, atomic rename (artifact.py).
@@ -12,13 +13,9 @@ Stages (each reported by ``progress``):
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,18 +27,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript
 import torch
-from torch import nn
 
 from dsv4.models.checkpoint_io import check_destination
 from dsv4.models.config import check_sims
 from dsv4.models.model import DeepseekV4
-from dsv4.models.state import init_state, state_entries
 
 from . import artifact, custom_ops
 from .layers import trace_by_kind
 from .mtp import check as check_mtp
 from .mtp import trace_mtp
-from .signature import BATCH, HIDDEN, INPUT_IDS, LENGTH, LENGTHS, LOGITS, graph_key, past, present
+from .signature import graph_key
 from .static import finalize, static_shapes
 from .step import split_step
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
@@ -52,111 +47,6 @@ WEIGHTS_FILE = "weights.data"
 PENDING = "<pending>"  # location of placeholder tensors until bind_weights points them at WEIGHTS_FILE
 DERIVED = "dsv4.derived"  # Value.meta key: a pass's re-layout of stacked weights, written by bind_weights (passes/lower_ort.py)
 Transform = Callable[[ir.Model, str, Target], dict]  # (model, graph name, target) -> per-pass counts
-
-
-class _Prefill(nn.Module):
-    """input_ids [B,T] from position 0 -> (logits, *state): the fresh state is built inside the graph."""
-
-    def __init__(self, model: DeepseekV4, last_only: bool = False, hidden: bool = False):
-        super().__init__()
-        self.model, self.last_only, self.hidden = model, last_only, hidden
-        self.names = [e.name for e in state_entries(model.args, model.dtype)]
-
-    def out(self, logits, new, X):
-        """(logits, *present state[, the final streams "hidden" that the MTP graph reads])."""
-        return (logits, *[new[n] for n in self.names], *([X] if self.hidden else []))
-
-    def forward(self, input_ids):
-        state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        return self.out(*self.model.step(input_ids, state, last_only=self.last_only))
-
-
-class _Decode(_Prefill):
-    """input_ids [B,1] + past state -> (logits, *present state)."""
-
-    def forward(self, input_ids, *past_state):
-        return self.out(*self.model.step(input_ids, dict(zip(self.names, past_state)), last_only=self.last_only))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter's progress prints and its warnings about unrelated packages (torchvision) off."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-class _PaddedPrefill(_Prefill):
-    """input_ids [B,T] right-padded + lengths [B] -> (logits, *state): static-shape prefill buckets."""
-
-    def forward(self, input_ids, lengths):
-        state = init_state(self.model.args, input_ids.shape[0], self.model.dtype, input_ids.device)
-        return self.out(*self.model.step(input_ids, state, lengths, last_only=self.last_only))
-
-
-def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = None, length: int | None = None,
-          all_logits: bool = False, hidden: bool = False) -> ir.Model:
-    """One graph of a meta-device model as an ir.Model with bare dsv4 nodes (initializers hold meta tensors).
-    batch / length (static targets): every dim fixed, the prefill graph takes ``lengths`` (right padding).
-    all_logits: the logits of every position (else the last real one's: ``DeepseekV4.step(last_only=True)``).
-    hidden: one more output, the final streams [B,T,hc,D] (``hidden``: the MTP graph's input, export/mtp.py);
-    graph "verify" is the step with every position's logits and the hidden output (speculative decoding)."""
-    args, names = model.args, [e.name for e in state_entries(model.args, model.dtype)]
-    static = batch is not None
-    b = batch if static else 2
-    dyn_batch = torch.export.Dim(BATCH, min=1, max=4096)
-    if graph == "prefill":
-        n = length if static else 7
-        ids = torch.zeros(b, n, dtype=torch.int64, device="meta")
-        if static:
-            wrapper = _PaddedPrefill(model, not all_logits, hidden)
-            example, dyn = (ids, torch.ones(b, dtype=torch.int64, device="meta")), None
-            inputs = [INPUT_IDS, LENGTHS]
-        else:
-            wrapper, example = _Prefill(model, not all_logits, hidden), (ids,)
-            dyn = ({0: dyn_batch, 1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)},)
-            inputs = [INPUT_IDS]
-    else:  # "decode" (one token), or "step" (dynamic targets: T tokens after the past, export/step.py)
-        wrapper = _Decode(model, not all_logits, hidden)
-        state = init_state(args, b, model.dtype, "meta")
-        n = 7 if graph in ("step", "verify") else 1  # torch.export specialises an example size of 1: trace at 7
-        example = (torch.zeros(b, n, dtype=torch.int64, device="meta"), *[state[k] for k in names])
-        ids_dims = {0: dyn_batch} | ({1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)} if n > 1 else {})
-        dyn = None if static else (ids_dims, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
-        inputs = [INPUT_IDS] + [past(k) for k in names]
-    outputs = [LOGITS] + [present(k) for k in names] + ([HIDDEN] if hidden else [])
-    m = onnx_trace(wrapper, example, dyn, inputs, outputs, target)
-    m.graph.name = f"dsv4_{graph}" if not static or graph == "decode" else f"dsv4_prefill_{length}"
-    return m
-
-
-def onnx_trace(wrapper: nn.Module, example: tuple, dyn, inputs: list[str], outputs: list[str], target: Target
-               ) -> ir.Model:
-    """torch.onnx.export (dynamo, no optimisation, the dsv4 translation table) of `wrapper`, initializers under
-    their official names, module scopes kept and stack traces dropped."""
-    with _quiet():
-        prog = torch.onnx.export(
-            wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.graph_opset,
-            custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
-            input_names=inputs, output_names=outputs, verbose=False)
-    m = prog.model
-    for v in list(m.graph.initializers.values()):  # "model.layers.0..." -> the official "layers.0..."
-        if v.name.startswith("model."):
-            m.graph.initializers.pop(v.name)
-            v.name = v.name[len("model."):]
-            m.graph.register_initializer(v)
-    for node in ir.traversal.RecursiveGraphIterator(m.graph):  # keep the module scopes, drop the big stack traces
-        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
-    m.producer_name, m.producer_version = "dsv4", _version()
-    return m
 
 
 _EXPERT = re.compile(r"^(.*\.experts\.)(\d+)\.(.*)$")
@@ -415,11 +305,3 @@ def _torch(dt: ir.DataType) -> torch.dtype:
     from .weights import _torch_dtype
 
     return _torch_dtype(dt)
-
-
-def _version() -> str:
-    import dsv4
-
-    return dsv4.__version__
-
-

@@ -263,7 +263,7 @@ def trace_by_kind(model: DeepseekV4, graph: str, target, *args, **kw) -> ir.Mode
     """``export.trace`` of the representative layers, instantiated for every layer of `model` (falls back to
     tracing the whole model when every layer is its own kind, or when the traced structure is not the expected
     one: the result is the same graph either way, only the cost differs)."""
-    from .export import trace
+    from .tracing import trace
 
     reps, of = kinds(model.args)
     if len(reps) == model.args.n_layers:

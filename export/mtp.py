@@ -50,7 +50,7 @@ def check(args, target: Target) -> None:
 
 def trace_mtp(model: DeepseekV4, target: Target):
     """The MTP graph of a meta-device model (export.trace's conventions: dynamic batch and length)."""
-    from .export import onnx_trace
+    from .tracing import onnx_trace
 
     args, names = model.args, [e.name for e in state_entries(model.args, model.dtype, mtp=True)]
     b, n = 2, 7
