@@ -4,6 +4,7 @@ compiled for llvm against the eager model (the acceptance of issue [5])."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -24,6 +25,7 @@ LLVM = backend.make_target("tvm-llvm")
 OP_RTOL = {"float32": 1e-5, "float64": 1e-12}
 ACCEPT_LOGITS = 1e-4  # issue [5]: TVM-llvm vs eager max |Δlogits| over a 300-token prefill and 32 greedy steps
 LOWERED = [r for r in custom_ops.REGISTRY if r.tvm != "inline"]
+NATIVE_LINE = re.compile(r"^\[[\d:]+\] \S+\.(h|cc):\d+: ")  # TVM's C++ LOG(...) line: "[18:04:53] /.../transform.h:1261: "
 
 
 def run_op(name: str, inputs: list, attrs: dict, n_out: int, compute: str = "float32"):
@@ -229,14 +231,40 @@ def _check_cuda(out, cm, graph: str):
         assert f".entry {k}(" in ptx, k
 
 
-def test_compile_tvm_cuda_emits_sm90_ptx(tiny_artifact_tvm, tmp_path):
+def test_compile_tvm_cuda_emits_sm90_ptx(tiny_artifact_tvm, tmp_path, capfd):
     """``dsv4 compile --target tvm-cuda --arch sm_90`` on this GPU-less machine: CUDA source and nvcc PTX for sm_90
-    holding a kernel per lowered dsv4 op (decode graph; both graphs in the slow variant below)."""
+    holding a kernel per lowered dsv4 op (decode graph; both graphs in the slow variant below). TVM's native log
+    (its "Fast mode segfaults..." warnings) lands in OUT/tvm.log, named on the last line, and none on stderr."""
     out = tmp_path / "cuda"
     cm = _compile_cuda(tiny_artifact_tvm, out, "decode")
     assert cm["target"] == "tvm-cuda" and cm["arch"] == "sm_90" and list(cm["graphs"]) == ["decode"]
     assert set(cm["graphs"]["decode"]["lowered"]) == {"Compress", "HcSplitSinkhorn", "MoEExperts", "SparseAttn"}
+    stdout, stderr = capfd.readouterr()
+    assert stdout.splitlines()[-1] == f"TVM log: {out / 'tvm.log'}" and cm["log"] == "tvm.log"
+    assert "Fast mode segfaults" in (out / "tvm.log").read_text()
+    assert not [ln for ln in stderr.splitlines() if NATIVE_LINE.search(ln)], stderr[:2000]
     _check_cuda(out, cm, "decode")
+
+
+def test_native_log_takes_fd_2_and_leaves_python_stderr(tmp_path, capfd, monkeypatch):
+    """Inside native_log, writes to file descriptor 2 (TVM's C++ log) go to the file; Python's sys.stderr (the
+    progress display), also where it is fd 2 itself, reaches the real stderr; an exception passes and fd 2 is back."""
+    import os
+    import sys
+
+    from dsv4.runtimes.tvm.library import native_log
+
+    log = tmp_path / "tvm.log"
+    monkeypatch.setattr(sys, "stderr", open(2, "w", closefd=False))  # a terminal's sys.stderr: fd 2
+    with pytest.raises(RuntimeError, match="kept"), native_log(log):
+        os.write(2, b"[12:00:00] /project/include/tvm/topi/transform.h:1261: Warning: native\n")
+        print("python line", file=sys.stderr)
+        raise RuntimeError("kept")
+    os.write(2, b"after\n")
+    sys.stderr.flush()
+    err = capfd.readouterr().err
+    assert "python line" in err and "after" in err and "native" not in err
+    assert log.read_text().endswith("Warning: native\n")
 
 
 @pytest.mark.slow  # the prefill graph too: about 3 minutes on 2 cores

@@ -1,13 +1,14 @@
 """``dsv4 compile ART --target tvm-llvm|tvm-cuda [--arch sm_90] --out DIR``: TVM libraries + their manifest.
 
 Prints what was compiled and the schedule census (which schedule every PrimFunc got, runtimes/tvm/schedules.py):
-rich tables on a terminal, plain lines otherwise (names never wrapped or cut).
+rich tables on a terminal, plain lines otherwise (names never wrapped or cut), then where TVM's native log went.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 QUIET = ("Fallback", "spatial", "none")  # schedules too common to list function by function
 
@@ -38,6 +39,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"dsv4 compile: {err}", file=sys.stderr)
         return 2
     print_compiled(cm, a.artifact, a.out)
+    print(f"TVM log: {Path(a.out) / cm['log']}")  # its native log, kept off the progress display
     return 0
 
 

@@ -110,6 +110,8 @@ def run(a: argparse.Namespace) -> int:
     if a.speculative:
         print(f"speculative: {s['accepted']} of {s['drafted']} MTP drafts accepted (acceptance {s['acceptance']:.1%}), "
               f"{s['main_calls']} main-model calls for {s['decode_tokens']} tokens", file=sys.stderr)
+    if getattr(gen, "log", None):  # the TVM Generator compiled the graphs here
+        print(f"TVM log: {gen.log}", file=sys.stderr)
     return 0
 
 

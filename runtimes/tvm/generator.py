@@ -9,6 +9,8 @@ its token ids and logits across.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -46,7 +48,8 @@ class Generator(_Base):
     """prefill / step / generate on an artifact directory with TVM (see runtimes/base.py for the contract).
 
     target: "tvm-llvm" (default) or "tvm-cuda"; compiled: a ``dsv4 compile`` output for that target (else the
-    graphs are compiled here, about a minute for tiny on 2 cores); arch: CUDA arch when compiling here.
+    graphs are compiled here, about a minute for tiny on 2 cores, TVM's native log going to the temporary file
+    ``log``); arch: CUDA arch when compiling here.
     """
 
     def __init__(self, art: str | Path, compiled: str | Path | None = None, target: str = "tvm-llvm",
@@ -63,6 +66,7 @@ class Generator(_Base):
         weights = backend.Weights(self.art, self.device)
         self.graphs: dict[str, backend.CompiledGraph] = {}
         self.seconds: dict[str, dict] = {}
+        self.log: Path | None = None
         if compiled is not None:
             cm, _ = library.load_compiled(compiled, self.art, target)
             for g in GRAPHS:
@@ -73,9 +77,13 @@ class Generator(_Base):
         else:
             library.check_artifact(self.manifest, self.art)
             tgt = backend.make_target(target, arch)
-            for g in GRAPHS:
-                ex, prep, self.seconds[g] = library.compile_graph(self.art, g, tgt)
-                self.graphs[g] = backend.CompiledGraph(ex, prep.inputs, prep.outputs, prep.params, weights)
+            fd, log = tempfile.mkstemp(prefix="dsv4-tvm-", suffix=".log")
+            os.close(fd)
+            self.log = Path(log)  # TVM's native log of this compile (library.native_log)
+            with library.native_log(self.log):
+                for g in GRAPHS:
+                    ex, prep, self.seconds[g], _ = library.compile_graph(self.art, g, tgt)
+                    self.graphs[g] = backend.CompiledGraph(ex, prep.inputs, prep.outputs, prep.params, weights)
         self.providers = [target]  # what ran it, as the ORT Generator reports its execution providers
 
     def _split(self, outs: dict) -> tuple[np.ndarray, DeviceState]:

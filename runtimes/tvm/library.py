@@ -12,15 +12,20 @@ Layout of a compiled directory (written into a temporary sibling and renamed int
     prefill.cu decode.cu tvm-cuda only: the CUDA C source of every kernel
     prefill.ptx ...      tvm-cuda only, where nvcc is on the PATH: ``nvcc -ptx -arch=<arch>`` of that source,
                          assembled by ``ptxas -arch=<arch>`` where ptxas is (manifest: "ptxas": "ok")
+    tvm.log              TVM's native (C++) log of the compile, e.g. its "Fast mode segfaults..." warnings, which
+                         would otherwise be written to the terminal under the progress display (native_log)
 
 The weights are not copied: a compiled directory runs against its artifact (checked by the manifest hash).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +40,7 @@ from .frontend import Param
 
 FORMAT, FORMAT_VERSION = "dsv4-tvm", 1
 KERNEL = re.compile(r"\b(\w+_kernel\w*)\(")
+LOG = "tvm.log"
 
 
 class CompiledError(ValueError):
@@ -66,6 +72,33 @@ def check_artifact(man: dict, art: Path, target: str = "tvm-llvm") -> None:
                             f"re-export for TVM: {export_command(man, target)}")
 
 
+@contextlib.contextmanager
+def native_log(path: Path):
+    """Send what native code writes to file descriptor 2 (TVM's C++ LOG(WARNING) lines) to `path` (appended)
+    while Python's own stderr (the progress display, warnings, tracebacks) keeps the real one: fd 2 is pointed at
+    the log and sys.stderr, where it writes to fd 2, is swapped for a stream on a duplicate of the old fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # pytest's capsys, a StringIO: not fd 2, left alone
+        python_on_fd2 = False
+    before = sys.stderr
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        if python_on_fd2:
+            sys.stderr = open(saved, "w", buffering=1, encoding=before.encoding, errors="backslashreplace",
+                              closefd=False)
+        yield path
+    finally:
+        if python_on_fd2:
+            sys.stderr.flush()
+            sys.stderr = before
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def compile_graph(art: Path, graph: str, target: tvm.target.Target):
     """(executable, Prepared, seconds, census {PrimFunc: schedule}) of one graph of the artifact `art`."""
     t = time.perf_counter()
@@ -81,7 +114,8 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
                      overwrite: bool = False, progress: bool | None = None, verify: bool = True,
                      graphs: tuple[str, ...] = GRAPHS) -> dict:
     """Compile the graphs of `art` (default both) for `target` into the directory `out`; returns the compiled
-    manifest. A directory holding only some graphs is for inspection (CUDA source, PTX); a Generator needs both."""
+    manifest. A directory holding only some graphs is for inspection (CUDA source, PTX); a Generator needs both.
+    TVM's native log goes to `out`/tvm.log (on failure: `out`.tvm.log beside it, as the directory is not kept)."""
     art, out = Path(art), Path(out)
     bad = [g for g in graphs if g not in GRAPHS]
     if bad or not graphs:
@@ -91,7 +125,8 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
     tgt = backend.make_target(target, arch)
     cuda = backend.is_cuda(tgt)
     done: dict[str, dict] = {}
-    with writing(out, overwrite) as tmp, stage_printer(progress) as stage:
+    with writing(out, overwrite) as tmp, kept_on_failure(tmp / LOG, out.with_name(f"{out.name}.{LOG}")) as log, \
+            native_log(log), stage_printer(progress) as stage:
         for g in graphs:
             with stage(f"import + build {g} ({target})"):
                 ex, prep, secs, census = compile_graph(art, g, tgt)
@@ -123,9 +158,22 @@ def compile_artifact(art: str | Path, out: str | Path, target: str = "tvm-llvm",
               "arch": arch if cuda else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "artifact": {"path": str(art.resolve()), "manifest_sha256": sha256(art / MANIFEST),
                            "target": man["target"], "dtype": man["dtype"]},
-              "graphs": done, "versions": versions() | {"tvm": tvm.__version__}}
+              "graphs": done, "log": LOG, "versions": versions() | {"tvm": tvm.__version__}}
         (tmp / MANIFEST).write_text(json.dumps(cm, indent=2) + "\n")
     return cm
+
+
+@contextlib.contextmanager
+def kept_on_failure(path: Path, keep: Path):
+    """Yield `path`; when the block raises, move the file to `keep` first (`path` is inside a directory that
+    ``writing`` removes on failure) and name it on stderr."""
+    try:
+        yield path
+    except BaseException:
+        if path.is_file() and path.stat().st_size:
+            shutil.move(path, keep)
+            print(f"TVM log: {keep}", file=sys.stderr)
+        raise
 
 
 def load_compiled(path: str | Path, art: str | Path | None = None, target: str | None = None) -> tuple[dict, Path]:
