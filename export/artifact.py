@@ -27,7 +27,7 @@ from dsv4.models.checkpoint_io import writing_dir
 from . import custom_ops
 from .manifest_check import check_graphs, check_schema
 from .package import package
-from .signature import signature, state_layout
+from .signature import CAPACITY, growable, signature, state_layout
 from .state_bytes import state_bytes
 from .static import device_section
 from .targets import Target
@@ -117,9 +117,10 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
     # config.json, tokenizer and generation files copied in, graphs stamped; before the files are hashed
     pkg = package(root, args, source, weights, target.name, [f"{name}.onnx" for name in graphs], checkpoint)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()}
+    grow = growable(args, target)
     graph_info = {}
     for name, m in graphs.items():
-        ins, outs = signature(args, dtype, name, shapes and shapes["batch"], all_logits, mtp)
+        ins, outs = signature(args, dtype, name, shapes and shapes["batch"], all_logits, mtp, grow)
         graph_info[name] = {
             "file": f"{name}.onnx",
             "inputs": [s.to_json() for s in ins],
@@ -138,7 +139,9 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
         "target": target.name, "opset": target.opset, "domain": {"dsv4": custom_ops.DOMAIN_VERSION},
         "weights": weights, "dtype": str(dtype).removeprefix("torch."), "weights_file": weights_file,
         "source": pkg.pop("source"), "config": config, "graphs": graph_info,
-        "state": state_layout(args, dtype, shapes and shapes["batch"]),
+        "state": state_layout(args, dtype, shapes and shapes["batch"], growable=grow),
+        # growable: the per-token caches have rows{m} rows, the prefill's `capacity` input sizes them (docs/capacity.md)
+        "capacity": {"max_seq_len": args.max_seq_len, "growable": grow, **({"input": CAPACITY} if grow else {})},
         "state_bytes": state_bytes(config, state_layout(args, dtype)),  # per token / per sequence (export/state_bytes.py)
         "static": shapes,
         **({"mtp": True, "mtp_state": state_layout(args, dtype, mtp=True)} if mtp else {}),

@@ -36,9 +36,9 @@ from . import artifact, custom_ops
 from .layers import trace_by_kind
 from .mtp import check as check_mtp
 from .mtp import trace_mtp
-from .signature import graph_key
+from .signature import graph_key, growable
 from .static import finalize, static_shapes
-from .step import split_step
+from .step import capacity_default, split_step
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
 from .targets import Target, get_target
 from .weights import CheckpointSource, ModuleSource, skeleton
@@ -234,7 +234,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             t = time.perf_counter()
             with stage("trace step"):
                 traced = split_step(trace_by_kind(skel, "step", tgt, all_logits=all_logits, hidden=mtp), args,
-                                    skel.dtype)
+                                    skel.dtype, growable(args, tgt))
             seconds["trace step"] = time.perf_counter() - t
         for kind, length in plan:
             graph = graph_key(kind, length)
@@ -270,6 +270,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             t = time.perf_counter()
             with stage("save + check"):
                 for graph, m in graphs.items():
+                    capacity_default(m, args.max_seq_len)
                     path = tmp / f"{graph}.onnx"
                     onnx.save(finalize(ir.serde.serialize_model(m), tgt), path)
                     onnx.checker.check_model(str(path), full_check=True)

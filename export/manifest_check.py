@@ -77,7 +77,9 @@ def graph_io(model: onnx.ModelProto) -> dict[str, dict[str, tuple[str, list]]]:
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
         return _dtype(t.elem_type), dims
 
-    inits = {t.name for t in model.graph.initializer}
+    from .signature import CAPACITY
+
+    inits = {t.name for t in model.graph.initializer} - {CAPACITY}  # an input with a default (signature.py)
     return {"inputs": {vi.name: one(vi) for vi in model.graph.input if vi.name not in inits},
             "outputs": {vi.name: one(vi) for vi in model.graph.output}}
 
@@ -119,11 +121,12 @@ def check_graphs(root: Path, where: Path, man: dict, models: dict[str, onnx.Mode
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(f"{where}: field 'dtype' {man['dtype']!r} is not a dtype")
     batch = (man.get("static") or {}).get("batch")
+    grow = bool((man.get("capacity") or {}).get("growable"))  # artifacts before it: fixed rows
     for g, info in man["graphs"].items():
         file = info["file"]
         have = graph_io(models[g])
         try:
-            ins, outs = signature(args, dtype, g, batch, man.get("logits", "all") == "all", bool(man.get("mtp")))
+            ins, outs = signature(args, dtype, g, batch, man.get("logits", "all") == "all", bool(man.get("mtp")), grow)
         except ValueError as e:
             raise ArtifactError(f"{where}: graphs[{g!r}]: {e}") from None
         for side, specs in (("inputs", ins), ("outputs", outs)):
@@ -134,7 +137,7 @@ def check_graphs(root: Path, where: Path, man: dict, models: dict[str, onnx.Mode
             if problem:
                 raise ArtifactError(f"{where}: config does not describe the graphs ({problem}; a manifest of "
                                     "another model?)")
-    want = state_layout(args, dtype, batch)
+    want = state_layout(args, dtype, batch, growable=grow)
     for i, (e, w) in enumerate(zip(man["state"], want)):
         for k in ("name", "past", "present", "dtype", "shape"):
             if e.get(k) != w[k]:

@@ -31,9 +31,17 @@ def entry_bytes(e: dict) -> int:
     return n
 
 
+def at_capacity(e: dict, max_seq_len: int) -> dict:
+    """A state table entry with a growable artifact's ``rows{m}`` dim (export/signature.py) at max_seq_len rows."""
+    shape = [max_seq_len // int(d[4:]) if isinstance(d, str) and re.fullmatch(r"rows\d+", d) else d
+             for d in e["shape"]]
+    return e | {"shape": shape}
+
+
 def state_bytes(config: dict, state: list[dict]) -> dict:
     """The figures above for a manifest's ``config`` and ``state`` table."""
     ratios = config["compress_ratios"]
+    state = [at_capacity(e, config["max_seq_len"]) for e in state]
     kinds: dict[str, dict] = {}
     per_token = fixed = allocated = 0.0
     for e in state:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import onnx_ir as ir
 import sympy
 import torch
@@ -25,40 +26,69 @@ import torch
 from dsv4.models.config import ModelArgs
 from dsv4.models.state import state_entries
 
-from .signature import BATCH, INPUT_IDS, LENGTH, past
+from .signature import BATCH, CAPACITY, INPUT_IDS, LENGTH, entry_ratio, past
 
 _DIM = re.compile(r"^[\w\s+\-*/()]+$")
 
 
-def split_step(step: ir.Model, args: ModelArgs, dtype: torch.dtype) -> dict[str, ir.Model]:
-    """{"prefill": ..., "decode": ...} from a traced step graph (`step` becomes the decode graph)."""
+def split_step(step: ir.Model, args: ModelArgs, dtype: torch.dtype, grow: bool = False) -> dict[str, ir.Model]:
+    """{"prefill": ..., "decode": ...} from a traced step graph (`step` becomes the decode graph); grow: the
+    prefill's per-token caches get ``capacity // m`` rows from the ``capacity`` input (export/signature.py)."""
     prefill = step.clone()
-    _bind_fresh_state(prefill.graph, args, dtype)
+    _bind_fresh_state(prefill.graph, args, dtype, grow)
     prefill.graph.name = "dsv4_prefill"
     _fix_length(step.graph, 1)
     step.graph.name = "dsv4_decode"
     return {"prefill": prefill, "decode": step}
 
 
-def _bind_fresh_state(g: ir.Graph, args: ModelArgs, dtype: torch.dtype) -> None:
-    """Each past.{name} input -> ConstantOfShape(Concat(Shape(input_ids)[:1], shape), fill); inputs removed."""
+def capacity_default(m: ir.Model, max_seq_len: int) -> None:
+    """A growable prefill's ``capacity`` input gets max_seq_len as its default (an initializer of the same name:
+    ONNX Runtime then treats it as an overridable input), so a program that does not feed it gets the full
+    capacity; added after the passes, which would otherwise fold it."""
+    cap = next((v for v in m.graph.inputs if v.name == CAPACITY), None)
+    if cap is not None and cap.name not in m.graph.initializers:
+        cap.const_value = ir.tensor(np.array(max_seq_len, dtype=np.int64), name=CAPACITY)
+        m.graph.register_initializer(cap)
+
+
+def _const(values: list[int], name: str) -> ir.Node:
+    node = ir.node("Constant", [], attributes={"value": ir.tensor(torch.tensor(values, dtype=torch.int64))}, name=name)
+    node.outputs[0].name = name.replace("/", ".")
+    return node
+
+
+def _bind_fresh_state(g: ir.Graph, args: ModelArgs, dtype: torch.dtype, grow: bool = False) -> None:
+    """Each past.{name} input -> ConstantOfShape(Concat(Shape(input_ids)[:1], shape), fill); inputs removed.
+    grow: a per-token cache's rows are ``capacity // m`` (a new scalar input ``capacity``) instead of a number."""
     ids = next(v for v in g.inputs if v.name == INPUT_IDS)
     batch = ir.node("Shape", [ids], attributes={"start": 0, "end": 1}, name="fresh/batch")
     batch.outputs[0].name = "fresh.batch"
     nodes = [batch]
+    rows: dict[int, ir.Value] = {}
+    if grow:
+        cap = ir.Value(name=CAPACITY, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+        g.inputs.append(cap)
+        for m in sorted({entry_ratio(args, e.name) for e in state_entries(args, dtype) if e.per_token}):
+            k, one = _const([m], f"fresh/rows{m}/ratio"), _const([1], f"fresh/rows{m}/one")
+            div = ir.node("Div", [cap, k.outputs[0]], name=f"fresh/rows{m}/div")
+            rs = ir.node("Reshape", [div.outputs[0], one.outputs[0]], name=f"fresh/rows{m}")
+            div.outputs[0].name, rs.outputs[0].name = f"fresh.rows{m}.div", f"fresh.rows{m}"
+            nodes += [k, one, div, rs]
+            rows[m] = rs.outputs[0]
     by_name = {v.name: v for v in g.inputs}
     for e in state_entries(args, dtype):
         old = by_name.get(past(e.name))
         if old is None:
             raise ValueError(f"step graph: no input {past(e.name)}")
-        dims = ir.node("Constant", [], attributes={"value": ir.tensor(torch.tensor(list(e.shape), dtype=torch.int64))},
-                       name=f"fresh/{e.name}/dims")
-        shape = ir.node("Concat", [batch.outputs[0], dims.outputs[0]], attributes={"axis": 0},
-                        name=f"fresh/{e.name}/shape")
+        m = entry_ratio(args, e.name) if grow and e.per_token else None
+        dims = _const(list(e.shape) if m is None else list(e.shape[1:]), f"fresh/{e.name}/dims")
+        parts = [batch.outputs[0]] + ([] if m is None else [rows[m]]) + [dims.outputs[0]]
+        shape = ir.node("Concat", parts, attributes={"axis": 0}, name=f"fresh/{e.name}/shape")
         fill = ir.node("ConstantOfShape", [shape.outputs[0]],
                        attributes={"value": ir.tensor(torch.full((1,), e.fill, dtype=e.dtype))},
                        name=f"fresh/{e.name}")
-        dims.outputs[0].name, shape.outputs[0].name = f"fresh.{e.name}.dims", f"fresh.{e.name}.shape"
+        shape.outputs[0].name = f"fresh.{e.name}.shape"
         new = fill.outputs[0]
         new.name, new.dtype, new.shape = f"fresh.{e.name}", old.dtype, old.shape
         nodes += [dims, shape, fill]
@@ -78,8 +108,11 @@ def _bind_fresh_state(g: ir.Graph, args: ModelArgs, dtype: torch.dtype) -> None:
 
 
 def _fix_length(g: ir.Graph, n: int) -> None:
-    """Every dim written in terms of ``length`` evaluated at n (in the graph, its functions' bodies are not traced)."""
-    batch = sympy.Symbol(BATCH, integer=True, positive=True)
+    """Every dim written in terms of ``length`` evaluated at n (in the graph, its functions' bodies are not traced);
+    the other symbols (``batch``, the cache rows ``rows{m}``) stay symbolic."""
+    names = {d.value for v in g.inputs if v.shape is not None for d in v.shape
+             if isinstance(d, ir.SymbolicDim) and d.value and d.value.isidentifier() and d.value != LENGTH}
+    syms = {k: sympy.Symbol(k, integer=True, positive=True) for k in names | {BATCH}}
     cache: dict[str, object] = {}
 
     def fix(d):
@@ -88,9 +121,9 @@ def _fix_length(g: ir.Graph, n: int) -> None:
         if d.value not in cache:
             if not _DIM.match(d.value):
                 raise ValueError(f"step graph: cannot evaluate the dim {d.value!r}")
-            r = sympy.simplify(eval(d.value, {"__builtins__": {}}, {LENGTH: sympy.Integer(n), BATCH: batch}))  # noqa: S307
-            cache[d.value] = int(r) if r.is_Integer else (BATCH if r == batch else None if r.free_symbols - {batch}
-                                                          else str(r))
+            r = sympy.simplify(eval(d.value, {"__builtins__": {}}, {LENGTH: sympy.Integer(n), **syms}))  # noqa: S307
+            cache[d.value] = int(r) if r.is_Integer else (str(r) if r.is_Symbol and r in syms.values() else
+                                                          None if r.free_symbols - set(syms.values()) else str(r))
         return cache[d.value]
 
     values = list(g.inputs) + [o for node in g for o in node.outputs]

@@ -27,6 +27,7 @@ class Target:
     trace_opset: int | None = None  # opset the graph is traced and transformed at, when the target's is lower
     cpu_fallback: bool = False  # accelerator EPs that this onnxruntime build lacks are dropped (parity on CPU)
     compact_state: bool = True  # FP8/MXFP4 codes in the decode state where simulated (docs/state_layout.md)
+    growable_state: bool = False  # cache rows symbolic + prefill `capacity` input (docs/capacity.md)
 
     @property
     def graph_opset(self) -> int:
@@ -40,10 +41,10 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ort", 23, ("CPUExecutionProvider",), WEIGHT_MODES, True,
-           "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)"),
+           "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)", growable_state=True),
     Target("ort-cuda", "ort", 23, ("CUDAExecutionProvider", "CPUExecutionProvider"), WEIGHT_MODES, True,
            "ONNX Runtime CUDA EP (onnxruntime-gpu, extra 'cuda'); MoE -> com.microsoft.MoE, packed weights -> "
-           "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined"),
+           "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined", growable_state=True),
     Target("tvm-llvm", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, llvm"),
     Target("tvm-cuda", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, CUDA code generation"),
     # docs/ascend.md: opset 17 (the ceiling under CANN's 18), one opset import, every dsv4 op inlined to

@@ -16,8 +16,8 @@ from torch import nn
 from dsv4.models.model import DeepseekV4
 from dsv4.models.state import init_state, state_entries
 
-from . import custom_ops
-from .signature import BATCH, HIDDEN, INPUT_IDS, LENGTH, LENGTHS, LOGITS, past, present
+from . import custom_ops, fast_trace
+from .signature import BATCH, HIDDEN, INPUT_IDS, LENGTH, LENGTHS, LOGITS, entry_ratio, growable, past, present, rows_dim
 from .targets import Target
 
 
@@ -97,7 +97,8 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
         n = 7 if graph in ("step", "verify") else 1  # torch.export specialises an example size of 1: trace at 7
         example = (torch.zeros(b, n, dtype=torch.int64, device="meta"), *[state[k] for k in names])
         ids_dims = {0: dyn_batch} | ({1: torch.export.Dim(LENGTH, min=1, max=args.max_seq_len)} if n > 1 else {})
-        dyn = None if static else (ids_dims, tuple({0: dyn_batch} for _ in names))  # forward(ids, *past)
+        rows = _rows_dims(args, model.dtype) if growable(args, target) and not static else {}
+        dyn = None if static else (ids_dims, tuple({0: dyn_batch} | rows.get(k, {}) for k in names))  # (ids, *past)
         inputs = [INPUT_IDS] + [past(k) for k in names]
     outputs = [LOGITS] + [present(k) for k in names] + ([HIDDEN] if hidden else [])
     m = onnx_trace(wrapper, example, dyn, inputs, outputs, target)
@@ -105,16 +106,31 @@ def trace(model: DeepseekV4, graph: str, target: Target, batch: int | None = Non
     return m
 
 
+def _rows_dims(args, dtype) -> dict[str, dict]:
+    """{past entry: {1: Dim}} for the per-token caches: their rows symbolic, one Dim per compression ratio
+    (``rows{m}``), so a runtime may allocate the state for fewer positions and grow it (docs/capacity.md)."""
+    dims: dict[int, object] = {}
+    for e in state_entries(args, dtype):
+        if e.per_token:
+            m = entry_ratio(args, e.name)
+            dims.setdefault(m, torch.export.Dim(rows_dim(m), min=2, max=args.max_seq_len // m))
+    return {e.name: {1: dims[entry_ratio(args, e.name)]} for e in state_entries(args, dtype) if e.per_token}
+
+
 def onnx_trace(wrapper: nn.Module, example: tuple, dyn, inputs: list[str], outputs: list[str], target: Target
                ) -> ir.Model:
     """torch.onnx.export (dynamo, no optimisation, the dsv4 translation table) of `wrapper`, initializers under
-    their official names, module scopes kept and stack traces dropped."""
+    their official names, module scopes kept and stack traces dropped. On the pinned torch, fast_trace.py gives the
+    same graph from one torch trace instead of two; should it fail, the public exporter runs (and reports)."""
+    table = custom_ops.translation_table()
     with _quiet():
-        prog = torch.onnx.export(
-            wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.graph_opset,
-            custom_translation_table=custom_ops.translation_table(), dynamic_shapes=dyn,
-            input_names=inputs, output_names=outputs, verbose=False)
-    m = prog.model
+        try:
+            m = fast_trace.export(wrapper.eval(), example, dyn, inputs, outputs, target.graph_opset, table)
+        except Exception:  # noqa: BLE001  (torch not the pinned one, or a case its one trace does not handle)
+            m = torch.onnx.export(
+                wrapper.eval(), example, dynamo=True, optimize=False, opset_version=target.graph_opset,
+                custom_translation_table=table, dynamic_shapes=dyn, input_names=inputs, output_names=outputs,
+                verbose=False).model
     for v in list(m.graph.initializers.values()):  # "model.layers.0..." -> the official "layers.0..."
         if v.name.startswith("model."):
             m.graph.initializers.pop(v.name)

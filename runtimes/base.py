@@ -19,6 +19,49 @@ class CapacityError(ValueError):
     """A sequence would run past the artifact's max_seq_len (the decode state's fixed capacity)."""
 
 
+MIN_CAPACITY = 256  # a growable state starts at the prompt's length rounded up to a power of two, at least this
+
+
+class StateCapacity:
+    """The capacity of a growable artifact's state (manifest ``capacity.growable``, docs/capacity.md): its per-token
+    caches (state entries with a ``ratio``) hold capacity // ratio rows, grown by doubling with their fill when a
+    step would not fit. Results do not change (models/state.py ``resize``): a row is read only once its block is
+    complete and written only at its own slot."""
+
+    def __init__(self, manifest: dict, max_seq_len: int):
+        self.max_seq_len = max_seq_len
+        self.growable = bool((manifest.get("capacity") or {}).get("growable"))
+        self.caches = {e["name"]: (int(e["ratio"]), float(e["fill"])) for e in manifest["state"]
+                       if e.get("per_token") and "ratio" in e} if self.growable else {}
+
+    def start(self, length: int, asked: int | None) -> int:
+        """The capacity a prefill of `length` tokens allocates: `asked`, else the next power of two >= length
+        (at least MIN_CAPACITY), never past max_seq_len."""
+        if asked is not None:
+            return min(max(int(asked), length), self.max_seq_len)
+        return min(max(MIN_CAPACITY, 1 << max(length - 1, 0).bit_length()), self.max_seq_len)
+
+    def of(self, state: dict) -> int:
+        """Positions `state` holds room for ((rows + 1) * ratio - 1 per cache, models/state.py ``capacity``)."""
+        caps = [(np.asarray(state[n]).shape[1] + 1) * m - 1 for n, (m, _) in self.caches.items()]
+        return min([self.max_seq_len, *caps])
+
+    def fit(self, state: dict, positions: int) -> dict:
+        """`state`, grown (doubling) if it cannot hold `positions` positions; the same dict if it can."""
+        cap = self.of(state)
+        if positions <= cap or not self.caches:
+            return state
+        new = min(self.max_seq_len, max(positions, 2 * cap))
+        out = dict(state)
+        for n, (m, fill) in self.caches.items():
+            v = np.asarray(state[n])
+            rows = new // m
+            if rows > v.shape[1]:
+                pad = np.full((v.shape[0], rows - v.shape[1], *v.shape[2:]), fill, dtype=v.dtype)
+                out[n] = np.concatenate([v, pad], axis=1)
+        return out
+
+
 class Generator:
     """``prefill(ids)``, ``step(ids)``, ``generate(prompts, max_new_tokens, temperature=0, top_p=1, top_k=0, seed=None,
     stop=None)``.
@@ -34,9 +77,12 @@ class Generator:
     def __init__(self) -> None:
         self.state: dict[str, np.ndarray] | None = None
         self.stats: dict[str, float] = {}
+        self.capacity: StateCapacity | None = None  # growable artifacts (set by the runtime)
+        self.start_capacity: int | None = None  # a growable state's first allocation (None: from the prompt)
 
     # ---- the runtime's part ---------------------------------------------------------------------------------
-    def _run_prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _run_prefill(self, ids: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """capacity: positions the fresh state holds (growable artifacts; others allocate max_seq_len)."""
         raise NotImplementedError
 
     def _run_decode(self, ids: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -69,14 +115,23 @@ class Generator:
         return None if self.state is None else self.state["pos"].copy()
 
     # ---- API --------------------------------------------------------------------------------------------------
-    def prefill(self, ids) -> np.ndarray:
+    def prefill(self, ids, capacity: int | None = None) -> np.ndarray:
         """Start fresh sequences from position 0 with `ids` [batch, length]; returns logits [batch, 1, vocab] (the
-        last position; [batch, length, vocab] from an artifact exported with --all-logits)."""
+        last position; [batch, length, vocab] from an artifact exported with --all-logits). capacity: positions
+        the new state is allocated for (growable artifacts; default ``start_capacity``, else the prompt's length
+        rounded up to a power of two); it grows as the sequences do, up to max_seq_len."""
         a = self._ids(ids, "prefill")
         if a.shape[1] > self.max_seq_len:
             raise CapacityError(f"prefill: {a.shape[1]} tokens exceed max_seq_len={self.max_seq_len}")
-        logits, self.state = self._run_prefill(a)
+        cap = None
+        if self.capacity is not None and self.capacity.growable:
+            cap = self.capacity.start(a.shape[1], capacity if capacity is not None else self.start_capacity)
+        logits, self.state = self._run_prefill(a, cap)
         return logits
+
+    def _fit(self, state: dict, positions: int) -> dict:
+        """`state` with room for `positions` positions (grown where the artifact's state is growable)."""
+        return state if self.capacity is None else self.capacity.fit(state, positions)
 
     def step(self, ids) -> np.ndarray:
         """Append one token per sequence (`ids` [batch] or [batch, 1]); returns logits [batch, 1, vocab]."""
@@ -91,7 +146,7 @@ class Generator:
         if held + 1 > self.max_seq_len:
             raise CapacityError(f"step: max_seq_len={self.max_seq_len} reached: the sequences hold {held} "
                                 "positions, the decode state has no room for another token")
-        logits, self.state = self._run_decode(a, self.state)
+        logits, self.state = self._run_decode(a, self._fit(self.state, held + 1))
         return logits
 
     def run_step(self, ids, state) -> tuple[np.ndarray, dict]:
@@ -106,7 +161,7 @@ class Generator:
         if int(pos.max()) + 1 > self.max_seq_len:
             raise CapacityError(f"step: max_seq_len={self.max_seq_len} reached: the state holds {int(pos.max())} "
                                 "positions")
-        return self._run_decode(a, state)
+        return self._run_decode(a, self._fit(state, int(pos.max()) + 1))
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop=None, ignore_eos: bool = False) -> Iterator[np.ndarray]:
@@ -152,8 +207,10 @@ class Generator:
         if len(groups) == 1:
             return self.prefill(np.stack(rows))[:, -1]
         last, states, order = [], [], []
+        cap = None if self.capacity is None or not self.capacity.growable else \
+            self.capacity.start(max(groups), self.start_capacity)  # one allocation: the states are stacked
         for _, idx in sorted(groups.items()):
-            last.append(self.prefill(np.stack([rows[i] for i in idx]))[:, -1])
+            last.append(self.prefill(np.stack([rows[i] for i in idx]), cap)[:, -1])
             states.append({n: np.asarray(self.state[n]) for n in self.state})
             order += idx
         inv = np.argsort(order, kind="stable")

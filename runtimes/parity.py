@@ -204,7 +204,8 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
                 from dsv4.runtimes.ort import Generator
 
                 gen = Generator(art, providers=providers, optimization=optimization, threads=threads, verify=False,
-                                layer_taps=per_layer)
+                                layer_taps=per_layer,  # the eager state's capacity: states compared row by row
+                                capacity=int(man["config"]["max_seq_len"]))
             else:
                 raise ValueError(f"parity: backend {backend!r} is not one of ort, tvm")
         rep = ParityReport(str(art), list(key), asdict(tol), {"batch": batch, "length": prompt_len, "seed": seed,

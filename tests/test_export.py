@@ -140,18 +140,22 @@ def test_graph_holds_the_expected_dsv4_nodes(tiny_artifact, tiny_args, graph):
 
 
 def test_graph_io_matches_signature_and_state_layout(tiny_artifact, tiny_args):
-    """input_ids/past.* -> logits/present.* in state_entries order, batch and length symbolic."""
+    """input_ids[/capacity]/past.* -> logits/present.* in state_entries order, batch and length symbolic (the
+    growable state of ort targets: rows of the ratio-m caches ``rows{m}``, docs/capacity.md)."""
     for graph in ("prefill", "decode"):
         m = _load(tiny_artifact, graph)
-        ins, outs = signature(tiny_args, torch.float32, graph)
+        ins, outs = signature(tiny_args, torch.float32, graph, growable=True)
         assert [i.name for i in m.graph.input] == [s.name for s in ins]
         assert [o.name for o in m.graph.output] == [s.name for s in outs]
         ids = m.graph.input[0].type.tensor_type.shape.dim
         assert ids[0].dim_param == "batch"
         assert (ids[1].dim_param == "length") if graph == "prefill" else (ids[1].dim_value == 1)
+        assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.output[1:]] == \
+            [list(s.dims) for s in outs[1:]]
     man = load_manifest(tiny_artifact, verify=False)
     assert [e["name"] for e in man["state"]] == [e.name for e in state_entries(tiny_args)]
     assert man["graphs"]["decode"]["inputs"][1]["name"] == "past.pos"
+    assert [i["name"] for i in man["graphs"]["prefill"]["inputs"]] == ["input_ids", "capacity"]
 
 
 def test_packed_weights_stay_packed_in_one_shared_file(tiny_artifact, tiny_args):

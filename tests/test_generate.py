@@ -18,7 +18,7 @@ class Counting(Generator):
         out[np.arange(len(pos)), -1, (ids[:, -1] + pos) % 10] = 1
         return out
 
-    def _run_prefill(self, ids):
+    def _run_prefill(self, ids, capacity=None):
         pos = np.full(len(ids), ids.shape[1])
         return self._logits(ids, pos), {"pos": pos, "last": ids[:, -1:]}
 
@@ -127,6 +127,40 @@ def test_ragged_batch_5_37_300_equals_solo_runs(tiny_artifact_f32):
     np.testing.assert_array_equal(got[0], solo[0])
     np.testing.assert_array_equal(got[2], solo[2])
     assert gen.stats["decode_tokens"] == 63 * 2 + k
+
+
+def test_state_starts_small_and_grows_without_changing_results(tiny_artifact_default):
+    """docs/capacity.md: a growable artifact's prefill allocates the state for `capacity` positions (default: the
+    prompt rounded up to a power of two, >= 256) and the Generator doubles it when a step would not fit. Logits
+    are bit-identical to a state allocated at max_seq_len (1024) for a 37-token prompt started at capacity 40 +
+    240 steps (three growths, rows of the ratio-4 caches 10 -> 21 -> 43 -> 87); a program that does not feed
+    `capacity` gets the full state (the input's default)."""
+    from dsv4.export.artifact import load_manifest
+    from dsv4.runtimes.ort import Generator as OrtGenerator
+
+    man = load_manifest(tiny_artifact_default, verify=False)
+    assert man["capacity"] == {"max_seq_len": 1024, "growable": True, "input": "capacity"}
+    kv = next(e for e in man["state"] if e.get("ratio") == 4)
+    assert kv["shape"][1] == "rows4" and man["graphs"]["prefill"]["inputs"][-1] == \
+        {"name": "capacity", "dtype": "int64", "dims": []}
+    full, grow = OrtGenerator(tiny_artifact_default, verify=False, capacity=1024), \
+        OrtGenerator(tiny_artifact_default, verify=False)
+    plain = full.sessions["prefill"].run(None, {"input_ids": np.zeros((1, 3), dtype=np.int64)})
+    assert plain[[o.name for o in full.sessions["prefill"].get_outputs()].index(kv["present"])].shape[1] == 256
+    ids = np.random.default_rng(3).integers(2, full.vocab_size, (1, 37))
+    grow.prefill(ids)
+    assert grow.state[kv["name"]].shape[1] == 64  # the default start: 256 positions
+    a, b = full.prefill(ids), grow.prefill(ids, capacity=40)
+    np.testing.assert_array_equal(a, b)
+    rows = [grow.state[kv["name"]].shape[1]]
+    for k in range(240):
+        tok = a[:, -1].argmax(-1)
+        a, b = full.step(tok), grow.step(tok)
+        np.testing.assert_array_equal(a, b, err_msg=f"step {k}")
+        rows += [grow.state[kv["name"]].shape[1]] if grow.state[kv["name"]].shape[1] != rows[-1] else []
+    assert rows == [10, 21, 43, 87] and full.state[kv["name"]].shape[1] == 256
+    with pytest.raises(ValueError, match="capacity: 2048 is not in"):
+        OrtGenerator(tiny_artifact_default, verify=False, capacity=2048)
 
 
 def test_generate_command_output(monkeypatch, capsys):

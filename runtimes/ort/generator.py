@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsv4.export.signature import INPUT_IDS, LENGTHS, graph_key, past, present
-from dsv4.runtimes.base import CapacityError, generation_defaults
+from dsv4.export.signature import CAPACITY, INPUT_IDS, LENGTHS, graph_key, past, present
+from dsv4.runtimes.base import CapacityError, StateCapacity, generation_defaults
 from dsv4.runtimes.base import Generator as _Base
 
 from .distributed import rank_artifact
@@ -18,11 +18,14 @@ class Generator(_Base):
     """prefill / step / generate on an artifact directory (see runtimes/base.py for the contract).
 
     providers: ORT execution providers (default: the artifact's target). optimization: "all" (default),
-    "extended", "basic" or "disable". threads / spinning: see session.session_options.
+    "extended", "basic" or "disable". threads / spinning: see session.session_options. capacity: the positions a
+    prefill allocates the state for (growable artifacts, docs/capacity.md; default: the prompt's length rounded
+    up to a power of two, at least 256); the state doubles when a step would not fit, up to max_seq_len.
     """
 
     def __init__(self, art: str | Path, providers: list[str] | None = None, optimization: str = "all",
-                 threads: int | None = None, spinning: bool = False, verify: bool = True, layer_taps: bool = False):
+                 threads: int | None = None, spinning: bool = False, verify: bool = True, layer_taps: bool = False,
+                 capacity: int | None = None):
         super().__init__()
         art = rank_artifact(art)  # a ranks artifact (export/ranks.py): join the group, run this rank's artifact
         self.art = Path(art)
@@ -39,6 +42,10 @@ class Generator(_Base):
         self.static = self.manifest.get("static")
         self.fixed_batch = self.static["batch"] if self.static else None
         self.eos_token_id = generation_defaults(self.manifest)["eos_token_id"]
+        self.capacity = StateCapacity(self.manifest, self.max_seq_len)
+        if capacity is not None and not 0 < int(capacity) <= self.max_seq_len:
+            raise ValueError(f"capacity: {capacity} is not in [1, max_seq_len={self.max_seq_len}]")
+        self.start_capacity = capacity
 
     def _state(self, outputs: list[np.ndarray], session) -> dict[str, np.ndarray]:
         by_name = dict(zip((o.name for o in session.get_outputs()), outputs))
@@ -46,10 +53,11 @@ class Generator(_Base):
             self.layer_outputs = {k.split(".")[0]: v for k, v in by_name.items() if k.endswith(".streams")}
         return {n: by_name[present(n)] for n in self.names}
 
-    def _run_prefill(self, ids):
+    def _run_prefill(self, ids, capacity=None):
         if not self.static:
             s = self.sessions["prefill"]
-            out = s.run(None, {INPUT_IDS: ids})
+            feed = {INPUT_IDS: ids} | ({} if capacity is None else {CAPACITY: np.array(capacity, dtype=np.int64)})
+            out = s.run(None, feed)
             return out[0], self._state(out, s)
         B, L = ids.shape
         batch, buckets = self.static["batch"], self.static["prefill_lengths"]

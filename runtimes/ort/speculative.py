@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from dsv4.export.signature import HIDDEN, INPUT_IDS, past, present
+from dsv4.export.signature import CAPACITY, HIDDEN, INPUT_IDS, past, present
 
 from ..base import CapacityError
 
@@ -40,10 +40,15 @@ def generate_speculative(gen, prompt, max_new_tokens: int, stop=None, ignore_eos
     names, mnames = gen.names, [e["name"] for e in man["mtp_state"]]
     s = gen.sessions
 
+    grow = gen.capacity is not None and gen.capacity.growable
+
     def main(graph, toks, state):
-        out = dict(zip((o.name for o in s[graph].get_outputs()),
-                       s[graph].run(None, {INPUT_IDS: toks} | ({} if state is None else
-                                                              {past(n): state[n] for n in names}))))
+        if state is None:  # prefill: the state starts small where it can grow (docs/capacity.md)
+            feed = {CAPACITY: np.array(gen.capacity.start(toks.shape[1], gen.start_capacity), dtype=np.int64)} if grow else {}
+        else:  # room for the tokens of this call
+            state = gen._fit(state, int(state["pos"].max()) + toks.shape[1])
+            feed = {past(n): state[n] for n in names}
+        out = dict(zip((o.name for o in s[graph].get_outputs()), s[graph].run(None, {INPUT_IDS: toks} | feed)))
         return out["logits"], {n: out[present(n)] for n in names}, out[HIDDEN]
 
     def mtp(hidden, toks, state):

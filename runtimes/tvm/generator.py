@@ -89,7 +89,7 @@ class Generator(_Base):
     def _split(self, outs: dict) -> tuple[np.ndarray, DeviceState]:
         return outs[LOGITS].numpy(), DeviceState({n: outs[present(n)] for n in self.names})
 
-    def _run_prefill(self, ids: np.ndarray):
+    def _run_prefill(self, ids: np.ndarray, capacity=None):  # TVM artifacts keep the fixed-capacity state
         return self._split(self.graphs["prefill"].run({INPUT_IDS: ids}))
 
     def _run_decode(self, ids: np.ndarray, state: Mapping):
