@@ -53,9 +53,14 @@ def writing(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     clean_stale(out.parent)
     with writing_dir(out, overwrite) as tmp:
-        (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        mark_owner(tmp)
         yield tmp
         (tmp / OWNER).unlink(missing_ok=True)
+
+
+def mark_owner(d: Path) -> None:
+    """Say in `d` (a ``.NAME.tmp-*`` temporary) which process writes it, for clean_stale after a SIGKILL."""
+    (d / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
 def clean_stale(parent: Path) -> list[Path]:

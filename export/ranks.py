@@ -69,7 +69,10 @@ def export_ranks(out: str | Path, ranks: int, *, transform, overwrite: bool = Fa
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.template-", dir=out.parent) as tmp:
+    artifact.clean_stale(out.parent)
+    # named and owned like artifact.writing's temporaries: a SIGKILLed export's template goes at the next export
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.template.tmp-", dir=out.parent) as tmp:
+        artifact.mark_owner(Path(tmp))
         res = export_artifact(Path(tmp) / "template", transform=transform, progress=progress, **export_kwargs)
         return shard(res.path, ranks, out, overwrite=overwrite, progress=progress)
 

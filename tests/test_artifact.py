@@ -35,6 +35,30 @@ def test_stale_temporaries_of_a_killed_writer_are_cleaned(tmp_path):
     assert clean_stale(tmp_path) == []
 
 
+def test_a_killed_ranks_export_leaves_a_template_the_next_export_cleans(tmp_path, monkeypatch):
+    """export --ranks writes its template in a sibling temporary; one left by a killed export (the process gone) is
+    removed by the next export into the same parent, like artifact.writing's."""
+    from dsv4.export import export as export_mod
+    from dsv4.export.ranks import export_ranks
+
+    seen = []
+
+    def killed(path, **_):  # the template directory as the export sees it, then the process "dies"
+        seen.append((path.parent, json.loads((path.parent / OWNER).read_text())))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "export_artifact", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_ranks(tmp_path / "art", 2, transform=None, preset="tiny")
+    tpl, owner = seen[0]
+    assert tpl.parent == tmp_path and tpl.name.startswith(".art.template.tmp-") and owner["pid"] == os.getpid()
+    assert not tpl.exists()  # an exception (not a kill) removes it at once
+    left = tmp_path / (tpl.name + "x")  # what a SIGKILL leaves: the same directory, its owner gone
+    left.mkdir()
+    (left / OWNER).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    assert clean_stale(tmp_path) == [left]
+
+
 def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), writing(tmp_path / "a"):
         raise RuntimeError("interrupted")
