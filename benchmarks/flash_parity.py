@@ -25,7 +25,7 @@ Per mode, each a child process measured by ``_common.measure`` (peak RSS = ru_ma
 4. ``artifact``: ``run_parity(ART, reference=...)`` on ORT CPU; the report (rows, agreement, times) is saved.
 
 Results: --work/results.json; ``report`` (also run at the end of ``run`` unless --out -) writes the marked section
-``flash_parity`` of docs/PERF.md. Child logs: --work/<mode>/<stage>.log.
+``flash_parity`` of docs/PERF.md (benchmarks/flash_parity_report.py). Child logs: --work/<mode>/<stage>.log.
 """
 
 from __future__ import annotations
@@ -38,16 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-from _common import measure, update_section
+from _common import measure
+from flash_parity_report import load_results, report, save_results, say
 
 HERE = Path(__file__).resolve()
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
-GB = 1e9
 MODES = {"packed": [], "float32": ["--weights", "float32", "--no-quant-sim"]}
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def log_to(path: str | None) -> None:
@@ -95,9 +91,8 @@ def load_eager(man: dict, ck: str, layers: int | None):
             ckmod.Checkpoint = base
 
 
-def child_twin(a) -> None:
-    """The fp64 twin's prefill and greedy decode (eager_reference's calibrated token loop), logits saved."""
-    import numpy as np
+def child_start(a):
+    """Both eager children's start: stderr to a.log, a.threads, the artifact's manifest, the eager model (+ seconds)."""
     import torch
 
     from dsv4.export.artifact import load_manifest
@@ -106,8 +101,15 @@ def child_twin(a) -> None:
     torch.set_num_threads(a.threads)
     man = load_manifest(a.art, verify=False)
     t = time.perf_counter()
-    m = load_eager(man, a.checkpoint, a.layers)
-    load_s = time.perf_counter() - t
+    return man, load_eager(man, a.checkpoint, a.layers), time.perf_counter() - t
+
+
+def child_twin(a) -> None:
+    """The fp64 twin's prefill and greedy decode (eager_reference's calibrated token loop), logits saved."""
+    import numpy as np
+    import torch
+
+    man, m, load_s = child_start(a)
     m.to(torch.float64)  # fp64_twin(m) without its deep copy: same conversion of the same weights
     m.dtype = torch.float64
     m.eval()
@@ -152,17 +154,11 @@ class Replay:
 
 def child_eager(a) -> None:
     import numpy as np
-    import torch
 
-    from dsv4.export.artifact import load_manifest, stage_printer
+    from dsv4.export.artifact import stage_printer
     from dsv4.runtimes import eager
 
-    log_to(a.log)
-    torch.set_num_threads(a.threads)
-    man = load_manifest(a.art, verify=False)
-    t = time.perf_counter()
-    m = load_eager(man, a.checkpoint, a.layers)
-    load_s = time.perf_counter() - t
+    man, m, load_s = child_start(a)
     if a.twin:
         z = dict(np.load(a.twin))
         eager.fp64_twin = lambda model: Replay(z)
@@ -210,17 +206,17 @@ def child_artifact(a) -> None:
 
 
 # ---- driver -------------------------------------------------------------------------------------------------------
-def load_results(work: Path) -> dict:
-    p = work / "results.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def save_results(work: Path, res: dict) -> None:
-    (work / "results.json").write_text(json.dumps(res, indent=1))
-
-
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+
+
+def launch(a, res: dict, work: Path, mode: str, stage: str, cmd: list[str]) -> None:
+    """Run one child (`stage` of `mode`) under nice, measured; its wall time and peak RSS go to results.json."""
+    say(f"{mode}: {stage}: {' '.join(cmd[3:]) if cmd[:3] == CLI else 'child, log ' + str(work / mode / stage)}")
+    r = res[mode]
+    r[stage] = measure(["nice", "-n", str(a.nice), *cmd])
+    say(f"{mode}: {stage} done: {r[stage]['wall_s']:.0f} s, peak RSS {r[stage]['rss_kb'] / 1e6:.2f} GB")
+    save_results(work, res)
 
 
 def run(a) -> None:
@@ -237,12 +233,9 @@ def run(a) -> None:
         r.update({"steps": a.steps, "prompt_len": a.prompt_len, "seed": a.seed, "threads": a.threads,
                   "layers": layers, "max_seq_len": a.max_seq_len})
         if not (art / "manifest.json").exists():
-            cmd = [*CLI, "export", ck, "--target", "ort-cpu", "--out", str(art), "--max-seq-len", str(a.max_seq_len),
-                   "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])]
-            say(f"{mode}: export: {' '.join(cmd[3:])}")
-            r["export"] = measure(["nice", "-n", str(a.nice), *cmd])
-            say(f"{mode}: export done: {r['export']['wall_s']:.0f} s, peak RSS {r['export']['rss_kb'] / 1e6:.2f} GB")
-            save_results(work, res)
+            launch(a, res, work, mode, "export", [
+                *CLI, "export", ck, "--target", "ort-cpu", "--out", str(art), "--max-seq-len", str(a.max_seq_len),
+                "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])])
         r["artifact_bytes"] = dir_bytes(art)
         man = json.loads((art / "manifest.json").read_text())
         r["weights"] = man["weights"]
@@ -251,35 +244,26 @@ def run(a) -> None:
                   "--seed", str(a.seed), "--threads", str(a.threads), *(["--layers", str(layers)] if layers else [])]
         twin = d / "twin.npz"
         if calibrated and not twin.exists():
-            say(f"{mode}: fp64 twin child (log {d / 'twin.log'})")
-            r["twin"] = measure(["nice", "-n", str(a.nice), sys.executable, str(HERE), "twin", *common,
-                                 "--result", str(twin), "--log", str(d / "twin.log")])
-            say(f"{mode}: twin done: {r['twin']['wall_s']:.0f} s, peak RSS {r['twin']['rss_kb'] / 1e6:.2f} GB")
-            save_results(work, res)
+            launch(a, res, work, mode, "twin", [sys.executable, str(HERE), "twin", *common, "--result", str(twin),
+                                                "--log", str(d / "twin.log")])
         refp = d / "reference.pkl"
         if not refp.exists():
-            say(f"{mode}: eager reference child (log {d / 'eager.log'})")
-            r["eager"] = measure(["nice", "-n", str(a.nice), sys.executable, str(HERE), "eager", *common,
-                                  "--result", str(refp), "--log", str(d / "eager.log"),
-                                  *(["--twin", str(twin)] if calibrated else [])])
-            say(f"{mode}: eager done: {r['eager']['wall_s']:.0f} s, peak RSS {r['eager']['rss_kb'] / 1e6:.2f} GB")
-            save_results(work, res)
+            launch(a, res, work, mode, "eager", [sys.executable, str(HERE), "eager", *common, "--result", str(refp),
+                                                 "--log", str(d / "eager.log"),
+                                                 *(["--twin", str(twin)] if calibrated else [])])
         repp = d / "report.json"
         if not repp.exists():
-            say(f"{mode}: artifact child (log {d / 'artifact.log'})")
             try:
-                r["artifact"] = measure(["nice", "-n", str(a.nice), sys.executable, str(HERE), "artifact", "--art",
-                                         str(art), "--reference", str(refp), "--threads", str(a.threads), "--result",
-                                         str(repp), "--log", str(d / "artifact.log"), "--rss-limit-gb",
-                                         str(a.rss_limit_gb)])
+                launch(a, res, work, mode, "artifact", [
+                    sys.executable, str(HERE), "artifact", "--art", str(art), "--reference", str(refp), "--threads",
+                    str(a.threads), "--result", str(repp), "--log", str(d / "artifact.log"), "--rss-limit-gb",
+                    str(a.rss_limit_gb)])
             except SystemExit as e:  # the child failed (e.g. the RSS guard): recorded, the next mode still runs
                 r["artifact_failed"] = {"error": str(e), "log_tail": (d / "artifact.log").read_text()[-600:]}
                 save_results(work, res)
                 say(f"{mode}: artifact child FAILED: {r['artifact_failed']['log_tail'].strip()[-300:]}")
                 continue
             r.pop("artifact_failed", None)
-            say(f"{mode}: artifact done: {r['artifact']['wall_s']:.0f} s, "
-                f"peak RSS {r['artifact']['rss_kb'] / 1e6:.2f} GB")
         rep = json.loads(repp.read_text())
         r["verdict"] = "PASS" if rep["ok"] else "FAIL"
         r["weights"], r["tolerance_key"] = man["weights"], rep["tolerance_key"]
@@ -292,100 +276,6 @@ def run(a) -> None:
             say(f"{mode}: removed {art}")
     if a.out != "-":
         report(a)
-
-
-def _row(rep: dict, name: str) -> dict | None:
-    return next((r for r in rep["rows"] if r["name"] == name), None)
-
-
-def _q(row: dict | None, part: str) -> float | None:
-    """p50 of a calibrated row's artifact quantiles (part="quantiles") or of its noise twins' (part="floor")."""
-    return row[part].get("p50") if row and row[part] else None
-
-
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.2g}"
-
-
-def _timing(mode: str, r: dict, s: dict) -> str:
-    def wr(k):
-        x = r.get(k)
-        return f"{x['wall_s']:.0f} s / {x['rss_kb'] / 1e6:.2f} GB" if x else "–"
-
-    def sec(k, f):
-        return f"{s[k]:{f}} s" if k in s else "–"
-    return (f"| {mode} | {wr('export')} | {r.get('artifact_bytes', 0) / GB:.2f} GB | {wr('twin')} | {wr('eager')} | "
-            f"{wr('artifact')} | {sec('artifact prefill', '.0f')} | {sec('artifact decode step', '.1f')} | "
-            f"{sec('eager decode step', '.1f')} |")
-
-
-def section(work: Path) -> str:
-    res = load_results(work)
-    lines = ["## Flash-slice decode parity (`benchmarks/flash_parity.py`, issue [9])", ""]
-    lines.append(
-        f"{time.strftime('%Y-%m-%d')}, x86_64, {os.cpu_count()} cores shared with other engineers' jobs (load average "
-        f"{os.getloadavg()[0]:.1f} at the report), CPU only. Checkpoint: `dsv4 checkpoint make --preset flash --layers "
-        "2` (real data, Flash dimensions: dim 4096, 256 MXFP4 experts, vocab 129280). The eager side and the artifact "
-        "side run in separate child processes (they do not fit in RAM together); the eager reference is pickled and "
-        "handed to `run_parity(ART, reference=...)`; the verdict's criteria are runtimes/verdict.py's, unchanged. "
-        "RSS = the child's peak resident set.")
-    lines.append("")
-    lines.append("| mode | layers | tolerance | prompt + steps | verdict | prefill logits max / p50 | decode logits max "
-                 "/ p50 (noise p50) | worst state row | greedy (free running) | top-1 | vs fp64 twin (eager / "
-                 "artifact greedy) |")
-    lines.append("|---|---:|---|---|---|---:|---:|---|---:|---:|---:|")
-    timing = ["", "| mode | export wall / RSS | artifact | fp64 twin wall / RSS | eager reference wall / RSS | "
-              "artifact side wall / RSS | ORT prefill | ORT decode step | eager decode step |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for mode, r in res.items():
-        p = work / mode / "report.json"
-        if not p.exists():
-            why = "not run"
-            if r.get("artifact_failed"):
-                tail = r["artifact_failed"]["log_tail"]
-                why = ("artifact side stopped: " + tail[tail.find("RSS GUARD"):].strip().splitlines()[0]
-                       if "RSS GUARD" in tail else "artifact side failed: " + r["artifact_failed"]["error"][:80])
-            lines.append(f"| {mode} ({r.get('weights')}) | {r.get('layers') or 2} | – | "
-                         f"{r.get('prompt_len')} + {r.get('steps')} | **{why}** | | | | | | |")
-            timing.append(_timing(mode, r, {}))
-            continue
-        rep = json.loads(p.read_text())
-        pl, dl = _row(rep, "prefill.logits"), _row(rep, "decode.logits")
-        states = [x for x in rep["rows"] if x["name"] not in ("prefill.logits", "decode.logits", "decode.free-running"
-                                                                                                    " logits")]
-        worst = max(states, key=lambda x: x["max_abs"], default=None)
-        vs = rep.get("vs_fp64") or {}
-        lines.append(
-            f"| {mode} ({r.get('weights')}) | {r.get('layers') or 2} | {tuple(rep['tolerance_key'])} | "
-            f"{rep['prompt']['length']} + {rep['prompt']['steps']} | **{'PASS' if rep['ok'] else 'FAIL'}** | "
-            f"{_fmt(pl and pl['max_abs'])} / {_fmt(_q(pl, 'quantiles'))} | {_fmt(dl and dl['max_abs'])} / {_fmt(_q(dl, 'quantiles'))} "
-            f"({_fmt(_q(dl, 'floor'))}) | {worst['name'] + ' ' + _fmt(worst['max_abs']) if worst else '–'} | "
-            f"{rep['greedy_agree']}/{rep['greedy_steps']} | {rep['top1']:.0%} | "
-            + (f"{vs.get('eager greedy', 0):.0%} / {vs.get('artifact greedy', 0):.0%}" if vs else "–") + " |")
-        timing.append(_timing(mode, r, rep.get("seconds", {})))
-    lines += timing
-    lines.append("")
-    lines += [f"- {mode}: {n}" for mode, r in res.items() for n in r.get("notes", [])]
-    lines.append("")
-    lines.append("Rows: max = the largest |artifact − eager| of any element; p50 = the median over positions of the "
-                 "per-position max (calibrated mode; strict mode shows no quantiles); noise p50 = the noise twins'. "
-                 "Every compared row with its criterion is in --work/<mode>/report.json (`lines`).")
-    return "\n".join(lines)
-
-
-def report(a) -> None:
-    work = Path(a.work).resolve()
-    if getattr(a, "note", None):
-        res = load_results(work)
-        for mode, text in a.note:
-            res.setdefault(mode, {}).setdefault("notes", []).append(text)
-        save_results(work, res)
-    md = section(work)
-    if a.out == "-":
-        print(md)
-    else:
-        update_section(Path(a.out), md, "flash_parity")
-        say(f"updated the flash_parity section of {a.out}")
 
 
 def main() -> None:
