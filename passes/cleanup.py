@@ -9,6 +9,7 @@ FP8 simulation rounds through exactly that).
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import numpy as np
@@ -85,9 +86,20 @@ class DedupConstants(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> Counted:
         before = len(model.graph.initializers)
-        with weights_hidden(model):
-            common.DeduplicateInitializersPass(size_limit=FOLD_MAX_ELEMENTS)(model)
+        log = logging.getLogger(common.DeduplicateInitializersPass.__module__)
+        log.addFilter(_hidden_weight_skips)
+        try:
+            with weights_hidden(model):
+                common.DeduplicateInitializersPass(size_limit=FOLD_MAX_ELEMENTS)(model)
+        finally:
+            log.removeFilter(_hidden_weight_skips)
         return Counted(model, len(model.graph.initializers) < before, {})
+
+
+def _hidden_weight_skips(record: logging.LogRecord) -> bool:
+    """Drop onnx_ir's "Skipped deduplication of initializer ... as it has no constant value" warning: those are the
+    weights weights_hidden hid on purpose (one line per weight on every export otherwise)."""
+    return "has no constant value" not in str(record.msg)
 
 
 class Cleanup(ir.passes.InPlacePass):
