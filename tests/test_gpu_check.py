@@ -73,6 +73,7 @@ def _dry_run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, 
     return res, md
 
 
+@pytest.mark.slow  # 15 s of CPU (bash + four Python processes); the fast suite keeps bash -n and the refusal above
 def test_dry_run_with_exported_artifacts(tiny_artifact_cuda, tmp_path):
     """The dry run over artifacts already in its workdir (the shared tiny ort-cuda artifact): it checks the
     environment, reuses the artifact (its configuration matches), lints it, stops before the first GPU call and

@@ -232,7 +232,10 @@ def tiny_eager_q(tiny_checkpoint):
 _FUSED: dict = {}
 
 
-@pytest.fixture(params=["q", "f32", "packed"])
+# "q" is slow: its own tiny export (23 s of CPU, ~35 s with its tests); QMoE stays in the fast suite through the lowering
+# of tests/test_fuse_moe.py (exact on learned and hash routing, the fp32 GEMM path, lossless int8 blocks) and in the
+# slow suite on whole graphs here and in test_small_preset_fuses_lowers_and_keeps_parity.
+@pytest.fixture(params=[pytest.param("q", marks=pytest.mark.slow), "f32", "packed"])
 def raw_and_fused(request, tmp_path_factory):
     """(kind, raw artifact, fused copy, counts, eager model): QMoE (packed, quant_sim off), MoE (float32 weights,
     quant_sim off), bodies (packed, quant_sim on: the FP8 act simulation keeps the MoE body)."""
@@ -354,19 +357,20 @@ def test_census_moe_part_is_the_fused_node_plus_the_shared_expert(raw_and_fused)
         assert a["total"] < b["total"] and a["moe"] < b["moe"], (layer, b, a)
 
 
-def test_inspect_layers_reports_before_and_after(tiny_artifact_q, capsys):
+@pytest.mark.parametrize("kind", [pytest.param("q", marks=pytest.mark.slow), "f32"])  # q: its own export
+def test_inspect_layers_reports_before_and_after(kind, request, capsys):
     """`dsv4 inspect ART --layers --json`: per layer the executed nodes before/after the target's passes."""
     import json
 
     from dsv4.tools import cmd_inspect
 
-    ns = argparse.Namespace(artifact=str(tiny_artifact_q), layers=True, graph="decode", json=True, verify=False,
-                            top=15)
+    art = request.getfixturevalue({"q": "tiny_artifact_q", "f32": "tiny_artifact_f32"}[kind])
+    ns = argparse.Namespace(artifact=str(art), layers=True, graph="decode", json=True, verify=False, top=15)
     assert cmd_inspect.run(ns) == 0
     rep = json.loads(capsys.readouterr().out)
     for i in range(N_LAYERS):
         r = rep[f"layers.{i}"]
-        assert r["after"]["total"] < r["before"]["total"] and r["moe_after"]["com.microsoft.QMoE"] == 1
+        assert r["after"]["total"] < r["before"]["total"] and r["moe_after"][MOE_OP[kind]] == 1
 
 
 # ---- small (slow: an export of ~1.5 min and an eager small model) -------------------------------------------------
