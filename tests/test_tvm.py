@@ -267,6 +267,26 @@ def test_native_log_takes_fd_2_and_leaves_python_stderr(tmp_path, capfd, monkeyp
     assert log.read_text().endswith("Warning: native\n")
 
 
+def test_a_failed_compile_keeps_its_log_beside_the_output(tiny_artifact_tvm, tmp_path, monkeypatch, capfd):
+    """A build that raises: the exception passes, no output directory is left, and the native log, moved beside
+    where the output would have been, is named on stderr."""
+    import os
+
+    from dsv4.runtimes.tvm import library
+
+    def failing_build(art, graph, target):
+        os.write(2, b"[12:00:00] /project/src/relax/x.cc:1: native line before the failure\n")
+        raise RuntimeError("build failed")
+
+    monkeypatch.setattr(library, "compile_graph", failing_build)
+    with pytest.raises(RuntimeError, match="build failed"):
+        library.compile_artifact(tiny_artifact_tvm, tmp_path / "lib", progress=False)
+    err = capfd.readouterr().err
+    assert not (tmp_path / "lib").exists()
+    assert err.strip() == f"TVM log: {tmp_path / 'lib.tvm.log'}"
+    assert (tmp_path / "lib.tvm.log").read_text().endswith("native line before the failure\n")
+
+
 @pytest.mark.slow  # the prefill graph too: about 3 minutes on 2 cores
 def test_compile_tvm_cuda_both_graphs(tiny_artifact_tvm, tmp_path):
     out = tmp_path / "cuda"
