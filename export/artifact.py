@@ -242,7 +242,20 @@ class _NoStatus:
 def stage_printer(show: bool | None):
     """``with stage_printer(None) as stage: with stage("trace decode") as st: st.update("step 3/64")``: a spinner
     per stage (its text updatable, e.g. with a step count) and a line with its time when done (shown when `show`,
-    or when stderr is a terminal if None)."""
+    or when stderr is a terminal if None). show=None off a terminal (a log): plain lines on stderr, one when a
+    stage starts and one with its time when it ends (no spinner, no updates); DSV4_NO_PROGRESS=1 or show=False:
+    nothing."""
+    if show is None and not os.environ.get("DSV4_NO_PROGRESS") and not sys.stderr.isatty():
+        @contextlib.contextmanager
+        def plain(name: str):
+            t = time.perf_counter()
+            print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+            yield _NoStatus()
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr,
+                  flush=True)
+
+        yield plain
+        return
     if show is None:
         show = sys.stderr.isatty() and not os.environ.get("DSV4_NO_PROGRESS")
     if not show:

@@ -213,7 +213,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                 src = CheckpointSource(checkpoint, layers=layers, **overrides)
                 stack.callback(src.close)
                 args = src.args
-                source_info = source_info or {"kind": "checkpoint", "path": str(Path(checkpoint).resolve())}
+                source_info = source_info or {"kind": "checkpoint"}  # + its identity, not its path (package.py)
                 if layers is not None:
                     source_info["layers"] = layers
         seconds["source"] = time.perf_counter() - t0

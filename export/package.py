@@ -70,21 +70,21 @@ def generation(args, root: Path) -> dict:
 def package(root: Path, args, source: dict, weights: str, target: str, graph_files: list[str],
             checkpoint: Path | None = None) -> dict:
     """Copy the checkpoint's files into `root`, stamp the graphs; returns the manifest sections to add.
-    `checkpoint`: the directory read (also a preset's temporary synthetic one), else the source's path."""
-    src = dict(source)
-    ck = Path(source["path"]) if source.get("path") else None
-    files = Path(checkpoint) if checkpoint is not None else ck
+    `checkpoint`: the directory read (also a preset's temporary synthetic one). The source is recorded by its
+    identity (``checkpoint_identity``), never by a host path (runtimes/eager.py finds it by that identity)."""
+    src = {k: v for k, v in source.items() if k != "path"}
+    files = Path(checkpoint) if checkpoint is not None else None
     if files is not None and files.is_dir():
         src["identity"] = checkpoint_identity(files)
         for f in SHIPPED:
             if (files / f).is_file() and not (root / f).exists():
                 shutil.copy2(files / f, root / f)
-    if ck is not None and (ck / CONFIG).is_file() and source.get("layers") is None:
-        shutil.copy2(ck / CONFIG, root / CONFIG)  # verbatim: the official file, keys this version may not read
+    if files is not None and (files / CONFIG).is_file() and source.get("layers") is None:
+        shutil.copy2(files / CONFIG, root / CONFIG)  # verbatim: the official file, keys this version may not read
     else:
         (root / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
     props = {"dsv4.format": "dsv4-artifact", "dsv4.target": target, "dsv4.weights": weights,
-             "dsv4.config": CONFIG, "dsv4.source": json.dumps({k: v for k, v in src.items() if k != "path"})}
+             "dsv4.config": CONFIG, "dsv4.source": json.dumps(src)}
     for f in graph_files:
         stamp(root / f, props | {"dsv4.graph": f.removesuffix(".onnx")})
     return {"source": src, "generation": generation(args, root), "onnxruntime": ort_settings(weights),

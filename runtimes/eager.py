@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,10 +116,11 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
 
 
 def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: Path | None = None,
-                identity: bool = True):
-    """The eager DeepseekV4 the artifact was exported from: `checkpoint` if given, else the manifest's source
-    (a checkpoint path, or a synthetic preset + seed, rebuilt in `workdir`). identity=False: accept a checkpoint
-    whose index/config differ from the source's (a converted or deliberately different one)."""
+                identity: bool = True, near: str | Path | None = None):
+    """The eager DeepseekV4 the artifact was exported from: `checkpoint` if given, else the manifest's source (a
+    checkpoint found by its identity, ``find_checkpoint``, or a synthetic preset + seed, rebuilt in `workdir`).
+    near: the artifact's directory (its siblings are searched). identity=False: accept a checkpoint whose
+    index/config differ from the source's (a converted or deliberately different one)."""
     from dsv4.models.checkpoint import load_model
 
     dtype = getattr(torch, manifest["dtype"])
@@ -129,10 +131,12 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         overrides["compact_state"] = cfg["compact_state"]
     src = manifest["source"]
     if checkpoint is None and src["kind"] == "checkpoint":
-        checkpoint = src.get("path")
-        if checkpoint is None or not Path(checkpoint).is_dir():
-            raise ValueError(f"parity: the checkpoint the artifact was exported from ({checkpoint}) is not here; pass "
-                             "--checkpoint DIR (its identity is checked against the manifest's)")
+        roots = _search_roots(near)
+        checkpoint = find_checkpoint(src.get("identity") or {}, roots)
+        if checkpoint is None:
+            raise ValueError(f"parity: the checkpoint the artifact was exported from (identity "
+                             f"{(src.get('identity') or {}).get('sha256', '?')[:16]}…) is not in "
+                             f"{', '.join(map(str, roots))} or ${SEARCH_ENV}; pass --checkpoint DIR")
     if checkpoint is not None and src.get("identity") and identity:
         check_identity(Path(checkpoint), src["identity"])
     if checkpoint is None and src["kind"] == "synthetic":
@@ -147,6 +151,31 @@ def eager_model(manifest: dict, checkpoint: str | Path | None = None, workdir: P
         raise ValueError("parity: the artifact was exported from an in-memory model; pass --checkpoint DIR")
     return load_model(checkpoint, dtype=dtype, keep_quantized=manifest["weights"] == "packed", progress=False,
                       **overrides)
+
+
+SEARCH_ENV = "DSV4_CHECKPOINTS"  # more directories (os.pathsep-separated) where parity looks for a source checkpoint
+
+
+def _search_roots(near: str | Path | None) -> list[Path]:
+    roots = [Path.cwd()] + ([Path(near).resolve().parent] if near is not None else [])
+    roots += [Path(p) for p in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if p]
+    return list(dict.fromkeys(r.resolve() for r in roots))
+
+
+def find_checkpoint(want: dict, roots: list[Path]) -> Path | None:
+    """The checkpoint whose identity (sha256 of its index and config.json, export/package.py) is `want`, among
+    each root and its immediate subdirectories that hold a config.json: artifacts record the identity, not the
+    host path, so an artifact moved to another machine finds its checkpoint wherever it lies there."""
+    from dsv4.export.package import checkpoint_identity
+
+    if not want.get("sha256"):
+        return None
+    for root in roots:
+        cands = [root, *sorted(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []
+        for d in cands:
+            if (d / "config.json").is_file() and checkpoint_identity(d)["sha256"] == want["sha256"]:
+                return d
+    return None
 
 
 def check_identity(ck: Path, want: dict) -> None:

@@ -183,7 +183,7 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         if reference is None:
             if model is None:
                 with tempfile.TemporaryDirectory(prefix="dsv4-parity-") as tmp, stage("load the eager model"):
-                    model = eager_model(man, checkpoint, Path(tmp), identity)
+                    model = eager_model(man, checkpoint, Path(tmp), identity, near=art)
             reference = eager_reference(model, man, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed,
                                         per_layer=per_layer, stage=stage)
         ref = reference

@@ -71,6 +71,23 @@ def test_stage_printer_reports_elapsed_time(capsys):
     assert "✓ trace [decode] (" in capsys.readouterr().err
 
 
+def test_stage_printer_off_a_terminal_writes_a_line_per_stage_start_and_end(capsys, monkeypatch):
+    """A log (stderr not a terminal): the stage's name when it starts and its time when it ends, plain lines; the
+    spinner's updates are dropped; DSV4_NO_PROGRESS silences it."""
+    import re
+
+    monkeypatch.delenv("DSV4_NO_PROGRESS", raising=False)
+    with stage_printer(None) as stage, stage("weights layers.0.attn.wq_a.weight") as st:
+        st.update("step 3/64")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("] weights layers.0.attn.wq_a.weight ...")
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] weights layers\.0\.attn\.wq_a\.weight: \d+\.\d s", lines[1])
+    monkeypatch.setenv("DSV4_NO_PROGRESS", "1")
+    with stage_printer(None) as stage, stage("x"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
 def test_version_and_one_line_errors(capsys):
     import dsv4
     from dsv4.tools.cli import main

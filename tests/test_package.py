@@ -73,6 +73,28 @@ def test_parity_refuses_a_checkpoint_that_is_not_the_source(tiny_artifact, tiny_
     (moved / "config.json").write_text(json.dumps(cfg | {"rope_theta": cfg["rope_theta"] * 2}))
     with pytest.raises(ValueError, match=r"moved is not the checkpoint this artifact was exported from"):
         eager_model(man, checkpoint=moved)
-    gone = dict(man, source=dict(man["source"], path=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="is not here; pass --checkpoint DIR"):
+    gone = dict(man, source=dict(man["source"], identity={"sha256": "0" * 64, "of": []}))
+    with pytest.raises(ValueError, match=r"identity 0000000000000000…\) is not in .* pass --checkpoint DIR"):
         eager_model(gone)
+
+
+def test_the_source_is_an_identity_not_a_path(tiny_artifact, tiny_checkpoint, tmp_path, monkeypatch):
+    """No host path in the manifest or the graphs' metadata; parity finds the checkpoint by its identity among the
+    artifact's siblings, the current directory and $DSV4_CHECKPOINTS, wherever it was moved to."""
+    from dsv4.runtimes.eager import find_checkpoint
+
+    text = (tiny_artifact / "manifest.json").read_text()
+    assert str(tiny_checkpoint) not in text and "path" not in json.loads(text)["source"]
+    want = load_manifest(tiny_artifact, verify=False)["source"]["identity"]
+    store = tmp_path / "store"
+    other = shutil.copytree(tiny_checkpoint, store / "a_other")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(cfg | {"rope_theta": cfg["rope_theta"] * 2}))
+    moved = shutil.copytree(tiny_checkpoint, store / "b_moved")
+    assert find_checkpoint(want, [tmp_path]) is None  # roots and their children only, not deeper
+    assert find_checkpoint(want, [store]) == moved
+    monkeypatch.setenv("DSV4_CHECKPOINTS", str(store))
+    monkeypatch.chdir(tmp_path)
+    from dsv4.runtimes.eager import _search_roots
+
+    assert find_checkpoint(want, _search_roots(None)) == moved

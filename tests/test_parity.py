@@ -109,7 +109,8 @@ def test_compare_counts_non_finite_mismatches():
 
 
 def test_parity_cli_passes_and_fails(tiny_artifact, tmp_path, capsys):
-    """``dsv4 parity`` finds the eager model through the manifest, prints JSON; refuses another checkpoint (another
+    """``dsv4 parity`` finds the eager model by the manifest's identity ($DSV4_CHECKPOINTS, set by the
+    tiny_checkpoint fixture), prints JSON; refuses another checkpoint (another
     seed: its identity differs) in one line, and with --any-checkpoint runs it and exits 1 (wrong weights)."""
     from dsv4.models.checkpoint_write import write_synthetic
     from dsv4.models.config import preset

@@ -127,7 +127,7 @@ def parity(a: argparse.Namespace, render) -> int:
     man = load_manifest(rank0, verify=True)
     with stage_printer(None) as stage:
         with tempfile.TemporaryDirectory(prefix="dsv4-parity-") as tmp, stage("load the eager model"):
-            model = eager_model(man, a.checkpoint, Path(tmp))
+            model = eager_model(man, a.checkpoint, Path(tmp), near=a.artifact)
         ref = eager_reference(model, man, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch, seed=a.seed,
                               stage=stage)
     del model
