@@ -91,10 +91,10 @@ def _export(model, args, dynamic_shapes, input_names, output_names, opset, table
     return run()
 
 
-@functools.lru_cache(maxsize=4)
 def _tables(opset: int, table: tuple) -> tuple:
     """(ONNX registry with the custom table, CIA overrides, python decompositions): what torch.onnx's export_compat
-    and decompose_with_registry build, once per (opset, table) in a process."""
+    and decompose_with_registry build (per call, as they do: ~0.7 s; the dsv4 table's functions are new objects
+    on every custom_ops.translation_table() call, so there is no stable key to keep them by)."""
     from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
     from torch.onnx._internal.exporter import _constants, _decomp, _registration
 
@@ -108,7 +108,8 @@ def _tables(opset: int, table: tuple) -> tuple:
 
 @contextlib.contextmanager
 def _decomposing(decomps: dict):
-    """torch.export's aot capture with `decomps` (run_decompositions hands its table to the same function)."""
+    """torch.export's aot capture with `decomps` (run_decompositions hands its table to the same function); the
+    patch is process-wide while it lasts (one export at a time, as torch.onnx.export)."""
     import torch.export._trace as trace
 
     plain = trace._export_to_aten_ir
