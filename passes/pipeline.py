@@ -13,6 +13,7 @@ from dsv4.export import custom_ops
 from dsv4.export.functions import DOMAIN
 
 from .ascend import AscendProfile
+from .chunk_experts import HoistInvariants
 from .cleanup import Cleanup, nodes, weights_hidden
 from .fuse_moe import FuseMoEPass
 from .fuse_norm import FuseNormPass
@@ -30,7 +31,8 @@ def _common(target: str, lower: tuple = ()) -> Pipeline:
 PIPELINES: dict[str, Pipeline] = {
     # MoE -> com.microsoft.MoE / QMoE and FP8 weights -> DequantizeLinear where exact; every other dsv4 op inlined
     # (ORT has no dsv4 kernels).
-    "ort-cpu": _common("ort-cpu", (("lower_ort", LowerOrtPass()),)),
+    # Prefill: NarrowMoE's experts one per Loop trip (select_ops, passes/chunk_experts.py), what the trips share hoisted.
+    "ort-cpu": (*_common("ort-cpu", (("lower_ort", LowerOrtPass()),)), ("hoist_experts", HoistInvariants())),
     # What the CUDA EP's kernel table (passes/rules/ort_cuda_kernels.tsv) covers exactly, docs/ort_cuda.md: float MoE
     # (MXFP4 experts through DequantizeLinear: the table's QMoE takes no float32 activations), NarrowMoE, FP8/MXFP4
     # weights -> DequantizeLinear, and weighted RMSNorms -> SimplifiedLayerNormalization (after the bodies are inlined).

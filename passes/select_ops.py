@@ -8,7 +8,8 @@ Which ops a target keeps follows from the registry's faces (export/custom_ops.py
   pass before this one (passes/lower_ort.py); a node that lowering refused (its reason is in the code) is inlined.
   On ort-cpu, IndexerTopK and SparseAttn inline query-chunked wrappers of their bodies (passes/chunk_queries.py:
   a Loop over 256-query blocks, as the eager kernels do) in graphs with more than one query (prefill), so that
-  prefill memory and time stay linear in length.
+  prefill memory and time stay linear in length; and NarrowMoE's experts run one per trip of a Loop in prefill graphs
+  (passes/chunk_experts.py: memory bounded whatever the number of experts the prompt selects, bit for bit).
 
 Inlined nodes keep the call's metadata (its layer) and are tagged ``dsv4.op = <op>`` so that ``census`` can
 attribute them to the op they implement.
@@ -24,6 +25,7 @@ from dsv4.export.functions import DOMAIN
 from dsv4.export.targets import get_target
 
 from ._graph import DSV4_OP_KEY
+from .chunk_experts import chunk
 from .chunk_queries import swap_in
 from .cleanup import Counted
 
@@ -49,11 +51,13 @@ class SelectOps(ir.passes.InPlacePass):
                 node.metadata_props.setdefault(DSV4_OP_KEY, node.op_type)  # inherited by the inlined nodes
                 inlined[node.op_type] = inlined.get(node.op_type, 0) + 1
         chunked = swap_in(model) if self.target == "ort-cpu" else []
+        experts = chunk(model) if self.target == "ort-cpu" else {}
         common.InlinePass(criteria=lambda f: f.domain == DOMAIN and f.name not in keep)(model)
         left = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN}
         if left - keep:
             raise RuntimeError(f"select_ops({self.target}): dsv4 ops {sorted(left - keep)} were neither kept nor inlined")
         counts = {f"inlined {k}": v for k, v in sorted(inlined.items())}
         counts |= {f"query-chunked {k}": inlined[k] for k in chunked if k in inlined}
+        counts |= experts
         counts |= {f"kept {k}": sum(1 for n in model.graph if n.domain == DOMAIN and n.op_type == k) for k in sorted(left)}
         return Counted(model, bool(inlined), counts)

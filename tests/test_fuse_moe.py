@@ -324,7 +324,8 @@ def test_mxfp4_weights_dequantise_with_ort_dequantize_linear(shape):
 def test_moe_with_act_quant_narrows_to_the_selected_experts(selection, tokens, monkeypatch):
     """act_quant=1 over MXFP4 stacks (quant_sim on): no contrib op can hold the FP8 simulation, so the MoE keeps its
     body's math, but only the experts some token selected are gathered and dequantised (DequantizeLinear over int8
-    blocks): the same numbers as the body, bit for bit, and the eager reference within RTOL."""
+    blocks), one expert per trip of a Loop (no input_ids [B, 1]: a prefill graph, passes/chunk_experts.py): the same
+    numbers as the body, bit for bit, and the eager reference within RTOL."""
     for name in ("D", "I"):  # the FP8 activation blocks are 128 wide: this layer's widths must be multiples
         monkeypatch.setitem(globals(), name, 128)
     model, w = routing_model(form="mxfp4", selection=selection, act_quant=1)
@@ -334,7 +335,26 @@ def test_moe_with_act_quant_narrows_to_the_selected_experts(selection, tokens, m
     assert counts["fuse_moe"]["MoE"] == 1 and counts["lower_ort"]["narrowed MoE"] == 1
     assert counts["lower_ort"]["lowered"] == 0
     o = ops(model)
-    assert o.get("NonZero") == 1 and o.get("DequantizeLinear") == 3 and not any(k.startswith("dsv4.") for k in o), o
+    assert o.get("NonZero") == 1 and o.get("Loop") == 1 and not any(k.startswith("dsv4.") for k in o), o
+    assert counts["select_ops"]["expert-chunked MoE"] == 1
+    assert counts["hoist_experts"]["nodes hoisted"] > 0  # the FP8 simulation of x: once, not per trip
+    loop = next(n for n in model.graph if n.op_type == "Loop")
+    assert [n.op_type for n in loop.attributes["body"].as_graph()].count("DequantizeLinear") == 3
     got = run_ort(model, inputs)
     np.testing.assert_array_equal(got, raw)
     assert_close(got, eager(w, "mxfp4", selection, inputs, act_quant=1), "narrowed MoE vs eager")
+
+
+def test_decode_graph_keeps_the_dense_narrowed_moe(monkeypatch):
+    """A graph whose input_ids is [batch, 1] (decode: U <= top_k x batch) keeps NarrowMoE's dense form, no Loop."""
+    for name in ("D", "I"):
+        monkeypatch.setitem(globals(), name, 128)
+    model, _ = routing_model(form="mxfp4", act_quant=1)
+    model.graph.inputs.append(ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["b", 1])))
+    inputs = {k: v[:2] for k, v in feeds().items()} | {"input_ids": np.zeros((2, 1), np.int64)}
+    raw = run_ort(model, inputs)
+    counts = run(model, "ort-cpu")
+    assert counts["lower_ort"]["narrowed MoE"] == 1 and "expert-chunked MoE" not in counts["select_ops"]
+    o = ops(model)
+    assert "Loop" not in o and o.get("DequantizeLinear") == 3, o
+    np.testing.assert_array_equal(run_ort(model, inputs), raw)
