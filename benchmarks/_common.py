@@ -1,18 +1,18 @@
 """What every benchmark script shares: timing (medians after a warm-up), the machine line of a PERF.md section,
 and the marked-section update of docs/PERF.md (other sections stay byte for byte). Scripts import it as
-``from _common import ...`` (a script's own directory is on sys.path)."""
+``from _common import ...`` (a script's own directory is on sys.path). The timing and the machine line live in
+dsv4.runtimes.bench (``dsv4 bench`` measures with them too) and are re-exported here."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from dsv4.runtimes.bench import decode_ms, machine, ratio, step_times, timed  # noqa: F401 (re-exported)
 
 
 def add_common_args(p, prefill: list[int], decode_steps: int, repeat: int) -> None:
@@ -26,45 +26,6 @@ def add_common_args(p, prefill: list[int], decode_steps: int, repeat: int) -> No
                         "the other core is busy; eager small decode measured 0.3 s/step at 1 thread, 6.3 s at 2)")
     p.add_argument("--workdir", help="keep (and reuse) the checkpoint, artifacts and libraries here, not a temp dir")
     p.add_argument("--out", default="docs/PERF.md", help="markdown file to update ('-' prints only)")
-
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
-
-
-def step_times(step, steps: int) -> list[float]:
-    """Seconds of each of `steps` consecutive calls (decode steps: each call advances the state)."""
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def decode_ms(step, steps: int) -> float:
-    """Median milliseconds of one decode step over `steps` steps, the first (warm-up) one dropped."""
-    return statistics.median(step_times(step, steps)[1:]) * 1e3
-
-
-def machine(threads: int) -> str:
-    """Date, CPU, cores, threads per side and the load average now (benchmarks on a shared box say so)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{threads} thread{'s' if threads != 1 else ''} each side, load average {load:.1f} at the end")
-
-
-def ratio(x: float, ref: float, higher_is_better: bool) -> str:
-    """'2.00x faster' / '1.50x slower' of x against ref."""
-    v = x / ref if higher_is_better else ref / x
-    return f"{v:.2f}x faster" if v >= 1 else f"{1 / v:.2f}x slower"
 
 
 def update_section(path: Path, md: str, tag: str) -> None:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from _common import add_common_args, machine, ratio, step_times, timed, update_section
+from _common import add_common_args, machine, ratio, update_section
+
+from dsv4.runtimes.bench import eager_side, export_family, generator, runtime_side, sweep, tvm_library
 
 SECTIONS = {"cpu": ("bench_tvm", "## TVM (llvm) beside eager and ONNX Runtime CPU (issue [5])")}
 BACKENDS = ("eager", "ort-cpu", "tvm-llvm")
@@ -30,9 +29,7 @@ BACKENDS = ("eager", "ort-cpu", "tvm-llvm")
 
 def artifacts(a, args, work: Path, backends) -> tuple[Path, dict[str, Path], dict[str, float]]:
     """(checkpoint, {family: artifact}, export seconds); family "ort" = ort-cpu export, "tvm" = tvm-llvm export."""
-    from dsv4.export.export import export_artifact
     from dsv4.models.checkpoint_write import write_synthetic
-    from dsv4.passes.pipeline import run
 
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").is_file():
@@ -43,72 +40,27 @@ def artifacts(a, args, work: Path, backends) -> tuple[Path, dict[str, Path], dic
     for fam in sorted(want):
         art = work / f"art-{fam}-{a.weights}-{'qs' if a.quant_sim else 'noqs'}"
         if not (art / "manifest.json").is_file():
-            t = time.perf_counter()
-            export_artifact(art, checkpoint=ckpt, target="ort-cpu" if fam == "ort" else "tvm-llvm", weights=a.weights,
-                            quant_sim=a.quant_sim, max_seq_len=args.max_seq_len, overwrite=True, progress=False,
-                            transform=lambda model, graph, target: run(model, target.name))
-            secs[fam] = time.perf_counter() - t
+            secs[fam] = export_family(ckpt, art, fam, weights=a.weights, quant_sim=a.quant_sim,
+                                      max_seq_len=args.max_seq_len)
         arts[fam] = art
     return ckpt, arts, secs
 
 
-def generator(backend: str, arts: dict[str, Path], work: Path, threads: int):
+def runtime(backend: str, arts: dict[str, Path], work: Path, threads: int):
     """(generator, compile seconds or None) for one backend."""
     if backend == "ort-cpu":
-        from dsv4.runtimes.ort import Generator
-
-        return Generator(arts["ort"], threads=threads, verify=False), None
-    from dsv4.runtimes.tvm import Generator, compile_artifact
-
+        return generator(backend, arts["ort"], threads), None
     out = work / f"compiled-{backend}-{arts['tvm'].name}"
-    if not (out / "manifest.json").is_file():
-        compile_artifact(arts["tvm"], out, target=backend, progress=False, overwrite=True)
-    # import + build seconds as recorded when the library was compiled (also when this run reused it)
-    graphs = json.loads((out / "manifest.json").read_text())["graphs"]
-    secs = sum(v for g in graphs.values() for v in g["seconds"].values())
-    return Generator(arts["tvm"], compiled=out, target=backend, verify=False), secs
+    secs = tvm_library(arts["tvm"], out, backend)
+    return generator(backend, arts["tvm"], threads, compiled=out), secs
 
 
-def measure(step_prefill, step_decode, prefills, steps: int, repeat: int, vocab: int) -> dict:
-    rng = torch.Generator().manual_seed(0)
-    out = {}
-    for n in prefills:
-        ids = torch.randint(0, vocab, (1, n), generator=rng)
-        out[f"prefill {n} tokens (tokens/s)"] = n / timed(lambda ids=ids: step_prefill(ids), repeat)
-    ids = torch.randint(0, vocab, (1, min(prefills)), generator=rng)
-    times = step_decode(ids, steps)
-    out["decode step, batch 1 (ms)"] = statistics.median(times[1:]) * 1e3  # first step: warm-up
+def measure(side, prefills, steps: int, repeat: int, vocab: int) -> dict:
+    """Prefill tokens/s at each length and the decode step after a prompt of the shortest (dsv4.runtimes.bench)."""
+    r = sweep(*side, prefills, [min(prefills)], steps, repeat, vocab)
+    out = {f"prefill {n} tokens (tokens/s)": v for n, v in zip(prefills, r["prefill_tokens_per_s"])}
+    out["decode step, batch 1 (ms)"] = r["decode_ms"][0]
     return out
-
-
-def eager_side(model):
-    def prefill(ids):
-        with torch.no_grad():
-            model(ids)
-
-    def decode(ids, steps):
-        tok = torch.tensor([[1]])
-        with torch.no_grad():
-            box = [model(ids)[1]]
-
-            def one():
-                box[0] = model(tok, box[0])[1]
-
-            return step_times(one, steps)
-
-    return prefill, decode
-
-
-def runtime_side(gen):
-    def prefill(ids):
-        gen.prefill(ids.numpy())
-
-    def decode(ids, steps):
-        gen.prefill(ids.numpy())
-        tok = np.array([[1]], dtype=np.int64)
-        return step_times(lambda: gen.step(tok), steps)
-
-    return prefill, decode
 
 
 def main(argv=None) -> int:
@@ -142,16 +94,19 @@ def main(argv=None) -> int:
         results: dict[str, dict] = {}
         for b in a.backends:
             if b == "eager":
-                results[b] = measure(*eager_side(model), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
+                results[b] = measure(eager_side(model), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
             else:
-                gen, compile_s = generator(b, arts, work, threads)
-                results[b] = measure(*runtime_side(gen), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
+                gen, compile_s = runtime(b, arts, work, threads)
+                results[b] = measure(runtime_side(gen), a.prefill, a.decode_steps, a.repeat, args.vocab_size)
                 if compile_s is not None:
                     results[b]["compile both graphs (s)"] = compile_s
                 if a.parity_steps:
                     fam = "ort" if b == "ort-cpu" else "tvm"
                     rep = run_parity(arts[fam], model=model, steps=a.parity_steps, prompt_len=a.parity_prompt,
-                                     backend="tvm" if b.startswith("tvm") else "ort", generator=gen)
+                                     backend="tvm" if b.startswith("tvm") else "ort", threads=threads,
+                                     # ORT: parity's own Generator, whose state has the eager model's capacity (the
+                                     # bench's grows from the prompt: states would not compare row by row)
+                                     generator=gen if b.startswith("tvm") else None)
                     lg = next(r for r in rep.rows if r.name == "prefill.logits")
                     results[b]["parity"] = {"max abs Δ prefill logits": lg.max_abs,
                                             "max abs Δ any output / state": max(r.max_abs for r in rep.rows),
