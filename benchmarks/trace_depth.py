@@ -28,6 +28,7 @@ DEFAULT = ["flash:1", "flash:2", "flash:4", "flash:8", "pro:2"]
 CHILD = r"""
 import json, resource, sys, time
 from dsv4.export.layers import kinds, trace_by_kind
+from dsv4.export.signature import growable
 from dsv4.export.step import split_step
 from dsv4.export.targets import get_target
 from dsv4.export.weights import CheckpointSource, skeleton
@@ -36,7 +37,7 @@ skel = skeleton(src.args, src, "packed")
 skel.to("meta")
 c, t = time.process_time(), time.perf_counter()
 m = trace_by_kind(skel, "step", get_target("ort-cpu"))
-graphs = split_step(m, src.args, skel.dtype)
+graphs = split_step(m, src.args, skel.dtype, growable(src.args, get_target("ort-cpu")))
 print("@@" + json.dumps({"kinds": len(kinds(src.args)[0]), "layers": src.args.n_layers,
                          "cpu_s": time.process_time() - c, "wall_s": time.perf_counter() - t,
                          "nodes": sum(1 for _ in graphs["decode"].graph),
