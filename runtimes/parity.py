@@ -55,6 +55,7 @@ from .verdict import (
     compare,
     judge_rows,
     plain_lines,
+    position_errors,
     render,
     row_errors,
     tolerance_for,
@@ -148,6 +149,19 @@ def _rows(rep: ParityReport, tol: Tolerance, prefix: str, ref, got, noise: list,
             collect(lambda x, lname=lname: x[2].get(lname) if x[2] else None, lname, tol.state_abs, "layer")
 
 
+def _positions(phase: str, ref: list, got: list, noise: list) -> dict[str, list[float]]:
+    """The report's ``positions`` of one phase (items as in _rows): max |Δ logits| per position, the calls' positions
+    in order, and the noise twins' largest at each; with layer taps, the last layer's streams per position too."""
+    def per(other, part=lambda x: x[0]):
+        return [e for r, g in zip(ref, other) for e in position_errors(part(r), part(g))]
+
+    out = {phase: per(got), f"{phase} noise": np.max([per(nz) for nz in noise], 0).tolist() if noise else []}
+    if ref and ref[0][2] and all(g[2] for g in got):
+        last = max(ref[0][2], key=lambda s: int(s[5:]))  # "layer{i}"
+        out[f"{phase} {last}"] = per(got, lambda x: x[2][last])
+    return out
+
+
 def _logits_cut(got: np.ndarray, ref: np.ndarray):
     """The eager prefill logits as the artifact returns them: every position, or (manifest ``"logits": "last"``)
     the last one; the state rows still cover every position of the prompt."""
@@ -235,8 +249,9 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
 
         cut = _logits_cut(logits, eag.prefill_logits)  # a last-position artifact: judge the positions it returns
         noise_pre = [[(cut(nz.prefill_logits), view(nz.prefill_state), nz.prefill_layers)] for nz in ref.noise]
-        _rows(rep, tol, "prefill", [(cut(eag.prefill_logits), view(eag.prefill_state), eag.prefill_layers)],
-              [got_pre], noise_pre, names, written_prefill)
+        ref_pre = [(cut(eag.prefill_logits), view(eag.prefill_state), eag.prefill_layers)]
+        _rows(rep, tol, "prefill", ref_pre, [got_pre], noise_pre, names, written_prefill)
+        rep.positions |= _positions("prefill", ref_pre, [got_pre], noise_pre)
         rep.top1 = float(np.mean(cut(eag.prefill_logits).argmax(-1) == logits.argmax(-1)))
 
         # decode, step by step from the eager state of each step
@@ -263,6 +278,7 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         ref_steps = list(zip(eag.step_logits, map(view, eag.step_states), eag.step_layers))
         noise_steps = [list(zip(nz.step_logits, map(view, nz.step_states), nz.step_layers)) for nz in ref.noise]
         _rows(rep, tol, "decode", ref_steps, got_steps, noise_steps, names, written_step)
+        rep.positions |= _positions("decode", ref_steps, got_steps, noise_steps)
 
         # free running: the artifact on its own state, fed the driving tokens; greedy agreement
         agree64 = 0

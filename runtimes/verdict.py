@@ -133,6 +133,12 @@ def row_errors(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return d.reshape(d.shape[0] * d.shape[1], -1).max(-1) if d.size else np.zeros(0)
 
 
+def position_errors(ref: np.ndarray, got: np.ndarray) -> list[float]:
+    """Per position of logits [B,T,V]: max |diff| over the batch and the vocabulary (the report's ``positions``)."""
+    e = row_errors(ref, got)
+    return e.reshape(np.shape(ref)[0], -1).max(0).tolist() if e.size else []
+
+
 def changed_rows(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Boolean per state row ([B,R,...] flattened to B*R): the row differs (a step wrote it)."""
     return row_errors(before, after) > 0
@@ -190,6 +196,11 @@ class ParityReport:
     vs_fp64: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     per_layer: bool = False
+    # per position, for plots (dsv4 parity --plot): max |artifact - eager| of the logits of each prefill position
+    # ("prefill", the last one only for a last-position artifact) and of each teacher-forced decode step ("decode");
+    # the noise twins' largest (calibrated tolerances) under "prefill noise" / "decode noise"; with the layer taps, the
+    # last decoder layer's output streams per position under "prefill layer{N}" / "decode layer{N}"
+    positions: dict = field(default_factory=dict)
 
     @property
     def greedy(self) -> float:

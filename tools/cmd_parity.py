@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also compare every decoder layer's output streams (names the first divergent layer; ort)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png|DIR", help="also draw the error per position and per layer to this PNG "
+                   "(a directory: parity.png in it; tools/plots.py)")
     p.set_defaults(func=run)
 
 
@@ -35,6 +37,7 @@ def run(a: argparse.Namespace) -> int:
     from .cmd_ranks import parity as parity_ranks
     from .cmd_ranks import ranks_of
 
+    _check_plot(a)
     if ranks_of(a.artifact) is not None:  # expert-parallel: the ranks launched here (tools/cmd_ranks.py)
         return parity_ranks(a, lambda rep: _show(a, rep))
     rep = run_parity(a.artifact, checkpoint=a.checkpoint, steps=a.steps, prompt_len=a.prompt_len, batch=a.batch,
@@ -42,6 +45,22 @@ def run(a: argparse.Namespace) -> int:
                      tvm_options={"target": a.tvm_target, "compiled": a.compiled}, per_layer=a.per_layer,
                      progress=None, identity=not a.any_checkpoint)
     return _show(a, rep)
+
+
+def _check_plot(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if a.plot and Path(a.plot).suffix.lower() not in (".png", "") and not Path(a.plot).is_dir():
+        raise ValueError(f"parity: --plot: {a.plot} is neither a .png file nor a directory")
+
+
+def _plot(a: argparse.Namespace, rep) -> None:
+    """The plot of the report (tools/plots.py), named on the last line (stderr under --json, whose stdout is JSON)."""
+    import sys
+
+    from .plots import parity_plot
+
+    print(f"plot: {parity_plot(rep, a.plot)}", file=sys.stderr if a.json else sys.stdout)
 
 
 def _show(a: argparse.Namespace, rep) -> int:
@@ -57,4 +76,6 @@ def _show(a: argparse.Namespace, rep) -> int:
         Console().print(render(rep))
     else:  # logs: one row per line, names never wrapped, then one line per problem
         print("\n".join(plain_lines(rep)))
+    if getattr(a, "plot", None):
+        _plot(a, rep)
     return 0 if rep.ok else 1
