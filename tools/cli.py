@@ -9,7 +9,7 @@ import sys
 
 # One module per command family; a new command adds its module here.
 COMMANDS = ("cmd_info", "cmd_demo", "cmd_checkpoint", "cmd_export", "cmd_generate", "cmd_parity", "cmd_inspect",
-            "cmd_compile", "cmd_lint")
+            "cmd_compile", "cmd_lint", "cmd_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
