@@ -18,7 +18,8 @@ from dsv4.tools.cli import main
     (["--prefill-lengths", "12x"], "--prefill-lengths: expected comma-separated positive integers"),
     (["--steps", "1"], "--steps: must be at least 2"),
     (["--contexts", "1020"], "--contexts: 1020 + 16 steps exceed max_seq_len 1024"),
-    (["--sides", "eager", "--artifact", "."], "--artifact: . is not an artifact directory"),
+    (["--artifact", "."], "--artifact: . is not an artifact directory"),
+    (["--sides", "eager", "--artifact", "."], "--artifact is measured on the ort side"),
 ])
 def test_bad_arguments_give_one_line_before_any_work(argv, says, tmp_path, capsys):
     """exit 2, one stderr line naming the argument, and nothing made in --out."""
@@ -54,3 +55,20 @@ def test_bench_eager_and_ort_on_the_shared_artifact(tiny_checkpoint, tiny_artifa
     assert any(ln.startswith("decode at 16 of context (ms/token)\t") and ln.endswith(("faster", "slower"))
                for ln in lines), lines
     assert lines[-1].startswith("wrote ") and lines[-1].endswith("prefill_throughput.png")
+
+
+def test_an_artifact_of_another_checkpoint_is_refused_before_any_work(tiny_checkpoint, tiny_artifact, tmp_path,
+                                                                       capsys):
+    """--artifact must come from CHECKPOINT (the eager side is that model): its manifest's identity is checked first."""
+    import shutil
+
+    fake = tmp_path / "art"
+    fake.mkdir()
+    man = json.loads((tiny_artifact / "manifest.json").read_text())
+    man["source"]["identity"]["sha256"] = "0" * 64
+    (fake / "manifest.json").write_text(json.dumps(man))
+    out = tmp_path / "bench"
+    assert main(["bench", str(tiny_checkpoint), "--artifact", str(fake), "--sides", "eager,ort", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bench: --artifact: ") and "not the checkpoint" in err and not out.exists()
+    shutil.rmtree(fake)

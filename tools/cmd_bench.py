@@ -29,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="a synthetic checkpoint of this preset (seed 0), made in --out (default tiny)")
     p.add_argument("--artifact", help="an ort-cpu artifact of the checkpoint to measure on the ort side (default: "
                                       "exported into --out)")
-    p.add_argument("--sides", default="eager,ort,tvm", help="comma-separated, of eager, ort, tvm (tvm compiles the "
-                                                            "graphs first: ~1 minute for tiny)")
-    p.add_argument("--prefill-lengths", default="128,256,512", help="prompt lengths of the prefill timings")
-    p.add_argument("--contexts", default="128,256,512", help="context lengths of the decode timings")
+    p.add_argument("--sides", default="eager,ort,tvm", help="comma-separated, of eager, ort, tvm (default all; tvm "
+                                                            "compiles the graphs first: 1-1.5 minutes for tiny)")
+    p.add_argument("--prefill-lengths", default="128,256,512", help="prompt lengths of the prefill timings (default 128,256,512)")
+    p.add_argument("--contexts", default="128,256,512", help="context lengths of the decode timings (default 128,256,512)")
     p.add_argument("--steps", type=int, default=16, help="decode steps per context (the first one is dropped)")
     p.add_argument("--repeat", type=int, default=3, help="prefills per length (median, after a warm-up)")
     p.add_argument("--threads", type=int, default=1,
@@ -68,23 +68,38 @@ def check_args(a: argparse.Namespace) -> dict:
             raise ValueError(f"bench: {flag}: must be at least {lo}, got {v}"
                              + (" (the first decode step is dropped)" if flag == "--steps" else ""))
     lengths, contexts = _ints(a, "--prefill-lengths"), _ints(a, "--contexts")
-    if a.artifact and not (Path(a.artifact) / "manifest.json").is_file():
-        raise ValueError(f"bench: --artifact: {a.artifact} is not an artifact directory (no manifest.json)")
     if a.artifact and "ort" not in sides:
         raise ValueError("bench: --artifact is measured on the ort side, which --sides leaves out")
+    man = _manifest(a.artifact) if a.artifact else None
     if a.checkpoint:
         args, source = ModelArgs.from_hf_config(a.checkpoint), {"checkpoint": str(a.checkpoint)}
+        if man:  # the eager side must be the model the artifact was exported from
+            from dsv4.runtimes.eager import check_identity
+
+            try:
+                check_identity(Path(a.checkpoint), (man.get("source") or {}).get("identity") or {})
+            except ValueError as e:
+                raise ValueError(f"bench: --artifact: {str(e).removeprefix('parity: ')}") from None
     else:
         args, source = preset(a.preset or "tiny"), {"preset": a.preset or "tiny", "seed": 0}
-    cap = args.max_seq_len
-    if a.artifact:
-        cap = int(json.loads((Path(a.artifact) / "manifest.json").read_text())["config"]["max_seq_len"])
+    cap = int(man["config"]["max_seq_len"]) if man else args.max_seq_len
     if max(lengths) > cap:
         raise ValueError(f"bench: --prefill-lengths: {max(lengths)} exceeds max_seq_len {cap}")
     if max(contexts) + a.steps > cap:
         raise ValueError(f"bench: --contexts: {max(contexts)} + {a.steps} steps exceed max_seq_len {cap}")
     return {"sides": [s for s in SIDES if s in sides], "prefill_lengths": lengths, "contexts": contexts,
             "args": args, "source": source, "max_seq_len": cap}
+
+
+def _manifest(art: str) -> dict:
+    try:
+        man = json.loads((Path(art) / "manifest.json").read_text())
+        int(man["config"]["max_seq_len"])
+        return man
+    except FileNotFoundError:
+        raise ValueError(f"bench: --artifact: {art} is not an artifact directory (no manifest.json)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"bench: --artifact: {art}/manifest.json is not an artifact manifest ({e!r})") from None
 
 
 def run(a: argparse.Namespace) -> int:
