@@ -1,8 +1,9 @@
 """Measuring the runtimes side by side (``dsv4 bench`` and benchmarks/*.py): medians after a warm-up, the machine a
 number was measured on, and each side (the eager model, an ONNX Runtime or a TVM Generator) as one pair of calls:
 ``prefill(ids)`` and ``decode(ids, steps)`` (the seconds of each of `steps` steps after a prefill of `ids`, so a
-decode at context C runs from a state that holds C positions, as an application's would: the ORT Generator's state
-starts at the prompt's length and grows, docs/capacity.md)."""
+decode at context C runs from a state that holds C positions). Every side allocates its state at max_seq_len, so
+the sides do the same work: the ORT Generator's default start-small-and-grow (docs/capacity.md) is off here,
+since a smaller state is cheaper to prefill and to step and growing it costs one slow step."""
 
 from __future__ import annotations
 
@@ -67,17 +68,11 @@ def machine(threads: int) -> str:
 
 def machine_info(threads: int) -> dict:
     """The machine and software of a measurement, for its JSON: CPU, cores, threads, load average, versions."""
-    from importlib.metadata import PackageNotFoundError, version
+    from dsv4.export.artifact import versions
 
-    versions = {"python": platform.python_version()}
-    for pkg in ("dsv4", "torch", "onnxruntime", "apache-tvm", "numpy"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "system": platform.system(),
             "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
-            "threads_per_side": threads, "loadavg_1_5_15": loadavg(), "versions": versions}
+            "threads_per_side": threads, "loadavg_1_5_15": loadavg(), "versions": versions()}
 
 
 def _cpu_model() -> str | None:
@@ -119,7 +114,9 @@ def generator(side: str, art: Path, threads: int, compiled: Path | None = None):
     if side in ("ort", "ort-cpu"):
         from dsv4.runtimes.ort import Generator
 
-        return Generator(art, threads=threads, verify=False)
+        gen = Generator(art, threads=threads, verify=False)
+        gen.start_capacity = gen.max_seq_len  # the state the eager and TVM sides allocate (module docstring)
+        return gen
     from dsv4.runtimes.tvm import Generator
 
     return Generator(art, compiled=compiled, target="tvm-llvm" if side == "tvm" else side, verify=False)

@@ -219,8 +219,7 @@ def _result(a, cfg: dict, res: dict, arts: dict, export_s: dict, seconds: dict, 
                 "sides": cfg["sides"], "prefill_lengths": cfg["prefill_lengths"], "contexts": cfg["contexts"],
                 "steps": a.steps, "repeat": a.repeat, "threads": a.threads, "batch": 1,
                 "artifacts": {k: str(v) for k, v in arts.items()},
-                "state": "eager and tvm: allocated at max_seq_len; ort: the prompt's length (power of two, >= 256), "
-                         "grown by doubling (docs/capacity.md)"}
+                "state": "every side allocated at max_seq_len (the ORT Generator's growth off: the same work)"}
     ratios = {s: {"prefill": [v / e for v, e in zip(r["prefill_tokens_per_s"], res["eager"]["prefill_tokens_per_s"])],
                   "decode": [e / v for v, e in zip(r["decode_ms"], res["eager"]["decode_ms"])]}
               for s, r in res.items() if s != "eager" and "eager" in res}
