@@ -101,6 +101,18 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_table(root: Path, hashed: dict[str, str] | None = None) -> dict[str, dict]:
+    """The manifest's "files": every file under `root` but the manifest and the owner mark, with its size and
+    sha256 (taken from `hashed` by relative path when the writer already computed it)."""
+    hashed = hashed or {}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, OWNER):
+            rel = p.relative_to(root).as_posix()
+            out[rel] = {"bytes": p.stat().st_size, "sha256": hashed.get(rel) or sha256(p)}
+    return out
+
+
 def versions() -> dict[str, str | None]:
     import dsv4
 
@@ -115,7 +127,9 @@ def versions() -> dict[str, str | None]:
 
 def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[str, ir.Model], source: dict,
                    counts: dict, seconds: dict, weights_file: str, shapes: dict | None = None,
-                   all_logits: bool = True, checkpoint: Path | None = None, mtp: bool = False) -> dict:
+                   all_logits: bool = True, checkpoint: Path | None = None, mtp: bool = False,
+                   hashed: dict[str, str] | None = None) -> dict:
+    """`hashed`: sha256 of files already known (the weights writer hashes what it writes), not read again."""
     import torch
 
     dtype = torch.float32 if weights == "packed" else getattr(torch, weights)
@@ -136,8 +150,7 @@ def build_manifest(root: Path, args, target: Target, weights: str, graphs: dict[
             "opset_imports": dict(sorted(m.opset_imports.items())),
             "pass_counts": counts.get(name, {}),
         }
-    files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, OWNER)}
+    files = file_table(root, hashed)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "logits": "all" if all_logits else "last",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -277,8 +277,10 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             seconds["save"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - t0
             t = time.perf_counter()
+            digest = written.pop("sha256")
             manifest = artifact.build_manifest(tmp, args, tgt, weights, graphs, source_info, counts, seconds,
-                                               WEIGHTS_FILE, shapes, all_logits, checkpoint, mtp)
+                                               WEIGHTS_FILE, shapes, all_logits, checkpoint, mtp,
+                                               hashed={WEIGHTS_FILE: digest})
             manifest["export_seconds"]["manifest (sha256)"] = round(time.perf_counter() - t, 2)
             manifest.update(experts=experts, weights_written={k: round(v, 2) for k, v in written.items()})
             artifact.write_manifest(tmp, manifest)

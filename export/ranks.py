@@ -161,8 +161,7 @@ def _write_rank(template: Path, tman: dict, dest: Path, rank: int, ranks: int, o
         man["graphs"][g]["nodes"] = len(m.graph.node)
     man["rank"] = {"rank": rank, "ranks": ranks, "experts": [offset, offset + count], "collective": COLLECTIVE,
                    "all_reduces": reduce_nodes}
-    man["files"] = {p.relative_to(dest).as_posix(): {"bytes": p.stat().st_size, "sha256": artifact.sha256(p)}
-                    for p in sorted(dest.rglob("*")) if p.is_file() and p.name != artifact.MANIFEST}
+    man["files"] = artifact.file_table(dest, {weights_name: wf.sha256})
     artifact.write_manifest(dest, man)
     artifact.load_manifest(dest)  # the rank artifact passes the same checks as any artifact
     return {"dir": dest.name, "rank": rank, "experts": [offset, offset + count],

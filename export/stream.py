@@ -3,7 +3,8 @@ bounded memory, with progress (N of M tensors, bytes, rate, ETA). Decisions: doc
 
 Three kinds of tensor, cheapest first:
 * a stored tensor the graph wants byte for byte (packed FP8/MXFP4 bytes, E8M0 scales, F32, I64, and BF16 kept as
-  BF16): copied shard -> weights file by the kernel (``os.copy_file_range``), never through Python memory;
+  BF16): copied shard -> weights file through one reused buffer of ``COPY`` bytes, hashed on the way (the manifest's
+  sha256 of the weights file costs no second read);
 * a stored tensor the graph wants converted (BF16 -> fp32, FP8/MXFP4 -> float with ``--weights float*``): read with
   pread in row chunks of at most ``CHUNK`` bytes of output, converted, written;
 * a derived re-layout (passes/derived.py) or a stacked expert tensor: member by member (one expert at a time).
@@ -14,6 +15,7 @@ pages would count as resident for as long as the mapping lives).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -31,6 +33,8 @@ from dsv4.models.config import FP8_BLOCK
 
 ALIGN = 64  # byte alignment of every tensor in the weights file
 CHUNK = 64 << 20  # bytes of converted output per chunk
+COPY = 8 << 20  # bytes per read of a copied range (one reused buffer)
+_ZEROS = bytes(1 << 20)
 # stored dtype -> the graph dtypes that take its bytes unchanged
 SAME_BYTES = {"I8": {ir.DataType.UINT8, ir.DataType.INT8}, "U8": {ir.DataType.UINT8},
               "F8_E4M3": {ir.DataType.UINT8, ir.DataType.FLOAT8E4M3FN}, "F8_E8M0": {ir.DataType.UINT8},
@@ -43,19 +47,37 @@ _TORCH = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, 
 
 # ---- the file ----------------------------------------------------------------------------------------------------
 class WeightsFile:
-    """Append-only writer of the shared external-data file; every tensor starts on an ALIGN boundary."""
+    """Append-only writer of the shared external-data file; every tensor starts on an ALIGN boundary. The file's
+    sha256 is computed from the bytes as they are written (``sha256`` after close): the manifest takes it from
+    here instead of reading the whole file back."""
 
     def __init__(self, path: Path):
         self.path = path
         self._f = open(path, "wb", buffering=0)
         self.offset = 0
+        self._hash = hashlib.sha256()
+        self._buf = None
+        self.sha256: str | None = None
 
     def _pad(self) -> int:
         pad = -self.offset % ALIGN
         if pad:
-            self._f.write(b"\0" * pad)
-            self.offset += pad
+            self._out(memoryview(bytes(pad)))
         return self.offset
+
+    def _out(self, view: memoryview) -> None:
+        self._hash.update(view)
+        while view:
+            n = self._f.write(view)
+            view = view[n:]
+            self.offset += n
+
+    def _hole(self, n: int) -> None:
+        """`n` zero bytes left as a hole (no disk blocks), hashed as the zeros they read as."""
+        for k in range(0, n, len(_ZEROS)):
+            self._hash.update(memoryview(_ZEROS)[: min(len(_ZEROS), n - k)])
+        os.lseek(self._f.fileno(), n, os.SEEK_CUR)
+        self.offset += n
 
     def append(self, parts: Iterable[torch.Tensor]) -> tuple[int, int]:
         """Write the parts back to back (a stacked tensor is its members in order); returns (offset, length)."""
@@ -68,16 +90,14 @@ class WeightsFile:
         t = t.contiguous()
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
-        view = memoryview(np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8))
-        while view:
-            n = self._f.write(view)
-            view = view[n:]
-            self.offset += n
+        self._out(memoryview(np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8)))
 
     def copy(self, src: Path, offset: int, length: int) -> None:
-        """`length` bytes of `src` from `offset`, copied by the kernel (no user-space buffer); holes of a sparse
-        source stay holes (the range is skipped, not written)."""
-        out = self._f.fileno()
+        """`length` bytes of `src` from `offset`, read once through one reused buffer of COPY bytes (hashed on the
+        way; the next buffer's pages are asked for ahead); holes of a sparse source stay holes (skipped, not
+        written)."""
+        if self._buf is None:
+            self._buf = memoryview(bytearray(COPY))
         with open(src, "rb", buffering=0) as f:
             fd, pos, end = f.fileno(), offset, offset + length
             while pos < end:
@@ -86,24 +106,25 @@ class WeightsFile:
                 except OSError:  # ENXIO: nothing but a hole up to the end of the file
                     data = end
                 if data > pos:
-                    os.lseek(out, data - pos, os.SEEK_CUR)
+                    self._hole(data - pos)
                     pos = data
                     continue
                 stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
                 while pos < stop:
-                    try:
-                        n = os.copy_file_range(fd, out, stop - pos, pos)
-                    except OSError:  # filesystems without copy_file_range: a bounded buffer
-                        n = os.write(out, os.pread(fd, min(stop - pos, CHUNK), pos))
+                    want = min(stop - pos, COPY)
+                    if stop - pos > want:
+                        os.posix_fadvise(fd, pos + want, min(stop - pos - want, COPY), os.POSIX_FADV_WILLNEED)
+                    n = os.preadv(fd, [self._buf[:want]], pos)
                     if n <= 0:
-                        raise OSError(f"{src}: short copy at byte {pos} of [{offset}, {end})")
+                        raise OSError(f"{src}: short read at byte {pos} of [{offset}, {end})")
+                    self._out(self._buf[:n])
                     pos += n
-        self.offset += length
 
     def close(self) -> None:
         os.ftruncate(self._f.fileno(), self.offset)  # a trailing hole still counts
         os.fsync(self._f.fileno())
         self._f.close()
+        self.sha256 = self._hash.hexdigest()
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
@@ -235,7 +256,7 @@ def keep_bf16(graphs: dict[str, ir.Model], source) -> int:
 def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor], stacks: dict[str, list[str]],
                   path: Path, derived_key: str, report: Callable[[str], None] | None = None) -> dict:
     """Write every initializer of the graphs once into `path` and point both graphs at it. Returns statistics:
-    tensors, bytes written, bytes copied by the kernel, seconds, and the checkpoint bytes the written tensors come
+    tensors, bytes written, bytes copied unchanged, seconds, the file's sha256, and the checkpoint bytes the written tensors come
     from (``source_bytes``: the rate the export is measured by)."""
     from .weights import resolve
 
@@ -304,7 +325,7 @@ def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.
                 v.const_value = ir.ExternalTensor(path.name, off, length, v.dtype, shape=v.shape, name=name,
                                                   base_dir=path.parent)
     return {"tensors": len(jobs), "bytes": wf.offset, "copied_bytes": copied, "source_bytes": source_bytes,
-            "seconds": prog.seconds}
+            "seconds": prog.seconds, "sha256": wf.sha256}
 
 
 def _real(t) -> bool:

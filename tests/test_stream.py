@@ -3,6 +3,7 @@ the expert storage option and the per-kind layer plan (issue [9])."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -44,6 +45,7 @@ def test_copy_keeps_bytes_and_holes(tmp_path):
     wf.close()
     out = (tmp_path / "out").read_bytes()
     assert out[:3] == bytes([0, 1, 2]) and out[3:] == src.read_bytes()[100:]
+    assert wf.sha256 == hashlib.sha256(out).hexdigest()  # hashed while written, holes as the zeros they read as
     assert os.stat(tmp_path / "out").st_blocks * 512 < 1 << 20
 
 
