@@ -218,14 +218,16 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
                 from dsv4.runtimes.ort import Generator
 
                 gen = Generator(art, providers=providers, optimization=optimization, threads=threads, verify=False,
-                                layer_taps=per_layer,  # the eager state's capacity: states compared row by row
-                                capacity=int(man["config"]["max_seq_len"]))
+                                layer_taps=per_layer)
             else:
                 raise ValueError(f"parity: backend {backend!r} is not one of ort, tvm")
         rep = ParityReport(str(art), list(key), asdict(tol), {"batch": batch, "length": prompt_len, "seed": seed,
                                                                "steps": steps, "optimization": optimization,
                                                                "backend": backend}, per_layer=per_layer)
         rep.seconds = dict(ref.seconds) | {"artifact load": time.perf_counter() - t}
+        # the eager state's capacity, whatever generator runs the artifact (a given one too, e.g. a rank's under
+        # --ranks): the states are compared row by row
+        full = int(man["config"]["max_seq_len"])
         view = state_view(man)
         fresh = view(ref.fresh)
         names = list(fresh)  # the compared state: compact caches as their float values
@@ -236,7 +238,7 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         # prefill from a fresh state: logits at every position, the state rows the prompt wrote, layer streams
         with stage(f"artifact prefill ({prompt_len} tokens)"):
             t = time.perf_counter()
-            logits = gen.prefill(ref.ids)
+            logits = gen.prefill(ref.ids, capacity=full)
             rep.seconds["artifact prefill"] = time.perf_counter() - t
             got_pre = (logits, view({n: np.asarray(gen.state[n]) for n in gen.names}), taps())
         eag = ref.eager
@@ -284,7 +286,7 @@ def run_parity(art: str | Path, *, model=None, checkpoint: str | Path | None = N
         agree64 = 0
         free = []
         with stage(f"artifact decode: {steps} steps free running") as st:
-            gen.prefill(ref.ids)
+            gen.prefill(ref.ids, capacity=full)
             for k in range(steps):
                 st.update(f"step {k + 1}/{steps}")
                 lk = gen.step(ref.tokens[k])
