@@ -8,7 +8,8 @@ the two MXFP4 expert encodings.
 ``slices``: for each PRESET:LAYERS[:sparse], ``dsv4 checkpoint make --preset P --layers N [--sparse]`` (kept under
 --work and reused), then ``dsv4 export CK --target ort-cpu`` in a child process: peak RSS (ru_maxrss), user and
 system CPU, wall, the manifest's stage times, the weights writer's rate over checkpoint bytes and the artifact /
-checkpoint bytes. Sparse slices (zero data in file holes) measure memory and trace time, not disk rates.
+checkpoint bytes. The checkpoint's pages are dropped from the page cache before the export (cold reads). Sparse
+slices (zero data in file holes) measure memory and trace time, not disk rates.
 ``decode``: Flash dimensions, 1 layer, 8 routed experts (a decode step touches top-6 of them whatever E is):
 each ``--experts`` mode exported and timed over greedy decode steps on ORT CPU. ``tiny``: the tiny export's CPU.
 Each command's results replace its part of the section in PERF.md (results kept in --work/results.json).
@@ -36,11 +37,24 @@ def ckpt_bytes(ck: Path) -> int:
     return sum(f.stat().st_size for f in ck.glob("*.safetensors"))
 
 
+def evict(ck: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (flushed first; POSIX_FADV_DONTNEED drops clean pages, no
+    root needed), so the export reads the shards from the disk as a user's first export does."""
+    os.sync()
+    for f in ck.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def disk_rate(ck: Path, n: int = 1 << 30) -> float:
-    """MB/s of a plain kernel copy (copy_file_range + fsync) of up to 1 GB of the largest shard: what the disk
-    gives right now, the ceiling of the weights writer."""
+    """MB/s of a plain kernel copy (copy_file_range + fsync) of up to 1 GB of the largest shard, read cold: what
+    the disk gives right now, the ceiling of the weights writer."""
     src = max(ck.glob("*.safetensors"), key=lambda f: f.stat().st_size)
     n = min(n, src.stat().st_size)
+    evict(ck)
     out = ck.parent / ".disk-rate.tmp"
     fd, od = os.open(src, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
@@ -63,6 +77,7 @@ def run_slice(work: Path, spec: str, experts: str) -> dict:
         measure([*CLI, "checkpoint", "make", "--preset", name, "--layers", layers, "--out", str(ck), "--force",
                  "--no-progress", *(["--sparse"] if sparse else [])])
     art = work / f"art-{ck.name}-{experts}"
+    evict(ck)
     res = measure([*CLI, "export", str(ck), "--target", "ort-cpu", "--out", str(art), "--force", "--no-progress",
                    "--experts", experts])
     man = json.loads((art / "manifest.json").read_text())

@@ -8,6 +8,8 @@ memory: the eager side and the artifact side never share a process.
 
 * ``packed``: the default export (packed FP8/MXFP4, the quantisation simulation on), judged by the calibrated verdict
   of runtimes/parity.py (TOLERANCES[("float32", True)]: noise twins, fp64-twin driving tokens).
+* ``nosim``: the default packed weights with ``--no-quant-sim``, judged strictly (TOLERANCES[("float32", False)]):
+  the graph dequantises the checkpoint's MXFP4/FP8 bytes exactly in fp32, as the eager model does; the whole slice.
 * ``float32``: ``--weights float32 --no-quant-sim``, judged strictly (TOLERANCES[("float32", False)]). A float32
   Flash layer is ~26 GB of dequantised routed experts: ``--float-layers`` (default 1) slices the same checkpoint.
 
@@ -43,7 +45,8 @@ from flash_parity_report import load_results, report, save_results, say
 
 HERE = Path(__file__).resolve()
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
-MODES = {"packed": [], "float32": ["--weights", "float32", "--no-quant-sim"]}
+MODES = {"packed": [], "nosim": ["--no-quant-sim"], "float32": ["--weights", "float32", "--no-quant-sim"]}
+CALIBRATED = {"packed"}  # the quantisation simulation on: judged by the calibrated verdict; the others strictly
 
 
 def log_to(path: str | None) -> None:
@@ -239,7 +242,7 @@ def run(a) -> None:
         r["artifact_bytes"] = dir_bytes(art)
         man = json.loads((art / "manifest.json").read_text())
         r["weights"] = man["weights"]
-        calibrated = not (mode == "float32")
+        calibrated = mode in CALIBRATED
         common = ["--art", str(art), "--checkpoint", ck, "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
                   "--seed", str(a.seed), "--threads", str(a.threads), *(["--layers", str(layers)] if layers else [])]
         twin = d / "twin.npz"
