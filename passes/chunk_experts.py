@@ -9,20 +9,23 @@ per used expert:
     eids [U], pidx [N,K] = positions of the slots' experts in eids (NarrowMoE's)
     acc = zeros [N,D]
     Loop e in 0 .. U-1:   stacks_e = dequant(gather(packed stacks, eids[e:e+1]))         [1, I, D] ...
-                          acc = acc + MoEExperts(x, w, pidx - e, stacks_e)              slot p hits row 0 iff p == e
+                          rows = the tokens with a slot on expert e                      [M], M >= 1
+                          acc[rows] += MoEExperts(x[rows], w[rows], pidx[rows] - e, stacks_e)   (ScatterND add)
     y = acc
 
-Slots of other experts point outside the one-row stack and match nothing (routing weight 0 in the body), so each
-trip computes the body's term of expert eids[e] exactly (the same GEMMs, one expert at a time), and ``acc +`` the
-term is the body's final ReduceSum over experts, which ONNX Runtime folds sequentially in ascending expert id
-(passes/ordered_sum.py): the numbers are NarrowMoE's bit for bit. One expert per trip is what keeps that fold: a
-chunk of C experts would sum its own terms first and regroup the additions (and expert-parallel's ordered sum,
-which reproduces the single fold term by term, would no longer match).
+In the gathered rows, slots of other experts point outside the one-row stack and match nothing (routing weight 0 in
+the body), so each trip computes the body's term of expert eids[e] for the M tokens that chose it (the same GEMM
+rows, one expert at a time; every op of the body is row-wise), and ``acc[rows] +=`` the term is the body's final
+ReduceSum over experts, which ONNX Runtime folds sequentially in ascending expert id (passes/ordered_sum.py): the
+numbers are NarrowMoE's bit for bit (the dense body's other rows add an exact 0). One expert per trip is what
+keeps that fold: a chunk of C experts would sum its own terms first and regroup the additions (and expert-parallel's
+ordered sum, which reproduces the single fold term by term, would no longer match). Gathering the rows makes a
+prefill's routed-expert GEMMs N x K rows in all instead of N x U (issue [16]: a 64-token Flash prompt selects ~200
+of 256 experts with K = 6).
 
-The body inlines MoEExperts, whose computations from x alone (the FP8 simulation of x, its reshapes) do not depend
-on the trip: ``HoistInvariants`` (the ort-cpu pipeline, after the cleanup that folds the body's Ifs) moves every
-body node whose inputs do not change from trip to trip in front of the Loop, computed once (small, 2048-token
-prefill: 7.3-7.5 s of CPU without it, 6.1-6.4 s with it, 6.4-6.5 s for the dense form; docs/PERF.md).
+``HoistInvariants`` (the ort-cpu pipeline, after the cleanup that folds the body's Ifs) moves every body node
+whose inputs do not change from trip to trip in front of the Loop, computed once. With the rows gathered, the FP8
+simulation of x runs in the body on x[rows] (N x K rows over all trips, per-row blocks: the same values).
 
 Only prefill graphs get the Loop: in a decode graph (``input_ids`` [batch, 1]) U <= top_k x batch, and the dense
 form stays. Rank templates (passes/shard_experts.py: the MoEExperts output feeds the all-reduce) keep the dense form
@@ -145,17 +148,28 @@ def _loop(g: ir.Graph, m: ir.Node, eids: ir.Value, moved: list[ir.Node]) -> None
     e2 = node("Add", [e1.outputs[0], one.outputs[0]], "e2")
     eids_e = node("Slice", [eids, e1.outputs[0], e2.outputs[0], ax0.outputs[0]], "eids_e")  # [1]
     pidx_e = node("Sub", [pidx, it], "pidx_e")  # the slots of expert e -> row 0; the others -> no row
+    # the tokens with a slot on expert e: rows [M] (M >= 1: eids holds only experts some slot chose)
+    hit = node("Equal", [pidx, it], "hit")  # [N,K]
+    hit_i = node("Cast", [hit.outputs[0]], "hit_i", to=ir.DataType.INT64)
+    hit_n = node("ReduceMax", [hit_i.outputs[0], one.outputs[0]], "hit_n", keepdims=0)  # [N]: axis 1
+    nz = node("NonZero", [hit_n.outputs[0]], "nz")  # [1,M]
+    rows = node("Squeeze", [nz.outputs[0], ax0.outputs[0]], "rows")  # [M]
+    where = node("Transpose", [nz.outputs[0]], "where", perm=[1, 0])  # [M,1]: ScatterND's indices
+    picked = [node("Gather", [v, rows.outputs[0]], f"{k}_m", axis=0)
+              for k, v in (("x", x), ("w", m.inputs[1]), ("pidx", pidx_e.outputs[0]))]
     g.remove([*moved, m])
     for n in moved:
         for i, v in enumerate(n.inputs):
             if v is eids:
                 n.replace_input_with(i, eids_e.outputs[0])
-    m.replace_input_with(2, pidx_e.outputs[0])
+    for i, n in enumerate(picked):
+        m.replace_input_with(i, n.outputs[0])
     y.name = f"{tag}.experts.term"
-    add = node("Add", [acc, y], "acc_out")
+    add = node("ScatterND", [acc, where.outputs[0], y], "acc_out", reduction="add")  # acc[rows] += term
     keep = node("Identity", [cond], "cond_out")
     body = ir.Graph([it, cond, acc], [keep.outputs[0], add.outputs[0]],
-                    nodes=[ax0, one, e1, e2, eids_e, pidx_e, *moved, m, add, keep], name=f"{tag}.experts.body")
+                    nodes=[ax0, one, e1, e2, eids_e, pidx_e, hit, hit_i, hit_n, nz, rows, where, *picked,
+                           *moved, m, add, keep], name=f"{tag}.experts.body")
     loop = node("Loop", [trips.outputs[0], go.outputs[0], zeros.outputs[0]], "loop", body=body)
     loop.metadata_props[LOOP_KEY] = "experts"
     out = loop.outputs[0]
