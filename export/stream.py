@@ -94,8 +94,8 @@ class WeightsFile:
 
     def copy(self, src: Path, offset: int, length: int) -> None:
         """`length` bytes of `src` from `offset`, read once through one reused buffer of COPY bytes (hashed on the
-        way; the next buffer's pages are asked for ahead); holes of a sparse source stay holes (skipped, not
-        written)."""
+        way; the next buffer's pages are asked for ahead, the copied ones dropped from the page cache); holes of a
+        sparse source stay holes (skipped, not written)."""
         if self._buf is None:
             self._buf = memoryview(bytearray(COPY))
         with open(src, "rb", buffering=0) as f:
@@ -118,6 +118,9 @@ class WeightsFile:
                     if n <= 0:
                         raise OSError(f"{src}: short read at byte {pos} of [{offset}, {end})")
                     self._out(self._buf[:n])
+                    # read once: its clean pages leave the page cache now instead of through reclaim (9.25 GB Flash
+                    # slice, cold: 38 -> 14.5 s of system time, 190-202 -> 353-357 MB/s; docs/export.md)
+                    os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
                     pos += n
 
     def close(self) -> None:
