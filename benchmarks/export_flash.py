@@ -76,14 +76,14 @@ def run_slice(work: Path, spec: str, experts: str) -> dict:
     if not (ck / "model.safetensors.index.json").exists():
         measure([*CLI, "checkpoint", "make", "--preset", name, "--layers", layers, "--out", str(ck), "--force",
                  "--no-progress", *(["--sparse"] if sparse else [])])
-    art = work / f"art-{ck.name}-{experts}"
+    art = work / f"art-{ck.name}-{experts}{'-mtp' if 'mtp' in rest else ''}"
     evict(ck)
     res = measure([*CLI, "export", str(ck), "--target", "ort-cpu", "--out", str(art), "--force", "--no-progress",
-                   "--experts", experts])
+                   "--experts", experts, *(["--mtp"] if "mtp" in rest else [])])
     man = json.loads((art / "manifest.json").read_text())
     art_bytes = sum(v["bytes"] for v in man["files"].values())
     w = man["weights_written"]
-    out = {"slice": spec, "preset": name, "layers": int(layers), "sparse": sparse, "experts": experts,
+    out = {"slice": spec, "preset": name, "layers": int(layers), "sparse": sparse, "experts": experts, "mtp": "mtp" in rest,
            "ckpt_bytes": ckpt_bytes(ck), "artifact_bytes": art_bytes, "weights_bytes": w["bytes"],
            "source_bytes": w["source_bytes"], "weights_s": w["seconds"], "stages": man["export_seconds"],
            "export": res, "artifact_blocks": sum((art / f).stat().st_blocks * 512 for f in man["files"])}
@@ -145,7 +145,7 @@ def run_tiny(work: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("slices", "decode", "tiny"))
-    ap.add_argument("--slice", action="append", default=[], help="PRESET:LAYERS[:sparse][:keep], e.g. flash:2")
+    ap.add_argument("--slice", action="append", default=[], help="PRESET:LAYERS[:sparse][:mtp][:keep], e.g. flash:2")
     ap.add_argument("--experts-mode", default="packed", choices=("packed", "int8"))
     ap.add_argument("--experts", type=int, default=8, help="decode: routed experts of the Flash-shaped model")
     ap.add_argument("--layers", type=int, default=1, help="decode: layers of the Flash-shaped model")

@@ -19,13 +19,15 @@ def _slices_table(slices: dict) -> list[str]:
     rows = ["| slice | checkpoint | artifact (× ckpt) | weights.data / bytes read | peak RSS | weights written | "
             "trace (step, or prefill + decode) | fold + passes | save + check + sha256 | wall | CPU user + sys |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for _key, s in sorted(slices.items(), key=lambda kv: (kv[1]["preset"], kv[1]["layers"], kv[1]["sparse"])):
+    for _key, s in sorted(slices.items(), key=lambda kv: (kv[1]["preset"], kv[1]["layers"], kv[1]["sparse"],
+                                                            kv[1].get("mtp", False))):
         st, ex = s["stages"], s["export"]
         fold = sum(v for k, v in st.items() if k.startswith("fold"))
         rate = "holes (n/a)" if s["sparse"] else (f"{s['weights_s']:.0f} s, {s['mb_s']:.0f} MB/s (disk: "
                                                    f"{s.get('disk_mb_s', 0):.0f} MB/s)")
         rows.append(
-            f"| {s['preset']} {s['layers']} layers{' (sparse)' if s['sparse'] else ''}, --experts {s['experts']} | "
+            f"| {s['preset']} {s['layers']} layers{' (sparse)' if s['sparse'] else ''}, --experts {s['experts']}"
+            f"{' --mtp' if s.get('mtp') else ''} | "
             f"{s['ckpt_bytes'] / GB:.2f} GB | {s['artifact_bytes'] / GB:.2f} GB ({s['ratio']:.3f}×) | "
             f"{s['weights_bytes'] / max(s['source_bytes'], 1):.3f}× | "
             f"{ex['rss_kb'] * 1e3 / GB:.2f} GB | {rate} | {_trace(st)} | {fold:.0f} s | {_save(st):.0f} s | {ex['wall_s']:.0f} s | "
@@ -42,25 +44,26 @@ def _projection(slices: dict) -> list[str]:
     from dsv4.models.checkpoint import official_totals
     from dsv4.models.config import preset
 
-    real = [s for s in slices.values() if not s["sparse"] and not s.get("note")]
+    real = [s for s in slices.values() if not s["sparse"] and not s.get("note") and not s.get("mtp")]
     if not real:
         return []
     r = max(real, key=lambda s: s["layers"])
     rate = r["source_bytes"] / r["weights_s"]  # the MTP block is not in the graphs: rates per byte read
-    save_rate = r["artifact_bytes"] / max(_save(r["stages"]), 1e-9)
     per_byte = r["weights_bytes"] / r["source_bytes"]  # artifact bytes per checkpoint byte read
     by_layers = sorted((s for s in slices.values() if s["preset"] == "flash" and s["source_bytes"]),
                        key=lambda s: s["layers"])
     fold = [(s["layers"], sum(v for k, v in s["stages"].items() if k.startswith("fold"))) for s in by_layers]
     per_layer_fold = (fold[-1][1] - fold[0][1]) / (fold[-1][0] - fold[0][0]) if len(fold) > 1 else fold[0][1] / fold[0][0]
+    # saving + checking the graphs grows with their nodes (the layers); weights.data is hashed while written
+    per_layer_save = max(_save(s["stages"]) for s in by_layers) / max(s["layers"] for s in by_layers)
     # a 1- or 2-layer slice traces one kind; a whole model traces its four (an upper bound: the window kind of
     # layers 0-1 is the cheapest), whatever its depth
     one_kind = {s["preset"]: s["trace_s"] for s in sorted(slices.values(), key=lambda s: -s["layers"]) if s["layers"] <= 2}
     rss = max(s["export"]["rss_kb"] for s in slices.values()) * 1e3 / GB
     out = ["", "Projection (per-layer costs above; trace = the measured trace of a slice with all four kinds (Flash 8), "
            "else 4 × the one-kind trace of that model's slice (Pro) — the same at any depth;",
-           f"weights at the measured {rate / 1e6:.0f} MB/s of checkpoint bytes, save + check (sha256) at "
-           f"{save_rate / 1e6:.0f} MB/s, fold + passes {per_layer_fold:.1f} s per layer):", "",
+           f"weights at the measured {rate / 1e6:.0f} MB/s of checkpoint bytes, fold + passes {per_layer_fold:.1f} s "
+           f"and save + check {per_layer_save:.2f} s per layer):", "",
            "| model | checkpoint | artifact (default) | trace | fold + passes | weights | save + check | total | peak RSS |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("flash", "pro"):
@@ -68,12 +71,12 @@ def _projection(slices: dict) -> list[str]:
         b = sum(d["bytes"] for d in official_totals(a).values())
         art = b * per_byte
         f = per_layer_fold * a.n_layers
-        w, sv = b / rate, art / save_rate
+        w, sv = b / rate, per_layer_save * a.n_layers
         four = [s["trace_s"] for s in slices.values() if s["preset"] == name and s["layers"] >= 5]  # all four kinds
         trace4 = four[0] if four else 4 * one_kind.get(name, one_kind.get("flash", 0.0))
         tot = trace4 + f + w + sv
         out.append(f"| {name} ({a.n_layers} layers + MTP) | {b / GB:.0f} GB | ~{art / GB:.0f} GB | ~{trace4:.0f} s | "
-                   f"~{f:.0f} s | ~{w / 60:.0f} min | ~{sv / 60:.0f} min | ~{tot / 60:.0f} min | ≤ {rss:.1f} GB |")
+                   f"~{f:.0f} s | ~{w / 60:.0f} min | ~{sv:.0f} s | ~{tot / 60:.0f} min | ≤ {rss:.1f} GB |")
     return out
 
 
@@ -84,25 +87,38 @@ def _decode(d: dict) -> list[str]:
     for mode, m in d["modes"].items():
         rows.append(f"| {mode} | {m['weights_bytes'] / GB:.2f} GB | {m['ratio']:.3f}× | {m['step_s'] * 1e3:.0f} ms | "
                     f"{m['prefill_s']:.2f} s |")
+    mo = d["modes"]
+    if {"packed", "int8"} <= set(mo):
+        rows += ["", f"int8 decodes {mo['packed']['step_s'] / mo['int8']['step_s']:.2f}× faster than packed here, at "
+                 "2× the routed experts' bytes (8 experts are a small share of this 1-layer file; on the 2-layer "
+                 "Flash slice with its 256 experts int8 measured 1.51× the checkpoint): the default stays packed, "
+                 "the only encoding within issue [9]'s 1.10×; `--experts int8` is there for decode-bound users "
+                 "with the disk and memory to spare."]
     return rows
+
+
+def _load(r: dict) -> str:
+    loads = [s["export"].get("loadavg_1min_after") for s in r.get("slices", {}).values()]
+    loads = [x for x in loads if x is not None]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
 def write_perf(path: Path, r: dict) -> None:
     lines = [BEGIN, "## Real-size export (`benchmarks/export_flash.py`, issue [9])", "",
-             f"{r['date']}, {r['machine']}, CPU only, the machine shared with two other engineers' jobs (load average "
-             "4-5 on 2 cores during most runs: wall times are upper bounds). Each export is a child process; RSS = its "
-             "peak resident set (ru_maxrss). Sparse slices hold zero data in file holes: same code path, headers and "
-             "sizes as a real checkpoint; they measure memory and trace time, not disk rates.", ""]
+             f"{r['date']}, {r['machine']}, CPU only; 1-minute load average after each export {_load(r)} on 2 cores. "
+             "Each export is a child process; RSS = its peak resident set (ru_maxrss). Sparse slices hold zero data in "
+             "file holes: same code path, headers and sizes as a real checkpoint; they measure memory and trace time, "
+             "not disk rates.", ""]
     if r.get("slices"):
         lines += _slices_table(r["slices"]) + _projection(r["slices"])
-    if r.get("slices"):
-        lines += ["", "Notes: the real Flash slice is the shards of `dsv4 checkpoint make --preset flash --layers 2` that hold "
-                  "embed, layers 0-1, norm and head (the make, at ~35 MB/min on the loaded machine, was stopped before its "
-                  "MTP shards, which the prefill/decode graphs do not read; config cut to 0 MTP layers). `disk` = a plain "
-                  "1 GB copy_file_range + fsync of one of its shards right after the export: the writer runs at the "
-                  "disk's rate. Trace times are wall seconds at a load average of 4-8 (CPU user+sys of the whole export "
-                  "in the last column); a 1-2 layer slice traces one kind, any model of 5+ layers its four kinds (the "
-                  "same representative model for 8 or 43 layers: `export/layers.py`)."]
+        lines += ["", "Notes: a real slice is the whole output of `dsv4 checkpoint make --preset P --layers N` (real data, "
+                  "with the MTP block, which the default graphs do not read: `weights.data / bytes read` compares the "
+                  "artifact with the checkpoint bytes it exports; `:mtp` slices export it with `--mtp`). The "
+                  "checkpoint's pages are dropped from the page cache before each export (cold reads, as a first "
+                  "export). `disk` = a plain 1 GB copy_file_range + fsync of a cold shard right after the export: "
+                  "what the disk gave then. `save + check + sha256` = the graphs saved and checked plus the manifest's "
+                  "hashes (weights.data's is computed while it is written). A 1-2 layer slice traces one layer kind, a "
+                  "slice of 5+ layers all four (the same representative model for 8 or 43 layers: `export/layers.py`)."]
     if r.get("decode"):
         lines += _decode(r["decode"])
     if r.get("tiny"):
