@@ -46,7 +46,6 @@ from flash_parity_report import load_results, report, save_results, say
 HERE = Path(__file__).resolve()
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
 MODES = {"packed": [], "nosim": ["--no-quant-sim"], "float32": ["--weights", "float32", "--no-quant-sim"]}
-CALIBRATED = {"packed"}  # the quantisation simulation on: judged by the calibrated verdict; the others strictly
 
 
 def log_to(path: str | None) -> None:
@@ -242,7 +241,9 @@ def run(a) -> None:
         r["artifact_bytes"] = dir_bytes(art)
         man = json.loads((art / "manifest.json").read_text())
         r["weights"] = man["weights"]
-        calibrated = mode in CALIBRATED
+        from dsv4.runtimes.verdict import tolerance_for
+
+        calibrated = tolerance_for(man)[1].noise_factor is not None  # the verdict's own rule: the fp64 twin needed
         common = ["--art", str(art), "--checkpoint", ck, "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
                   "--seed", str(a.seed), "--threads", str(a.threads), *(["--layers", str(layers)] if layers else [])]
         twin = d / "twin.npz"

@@ -259,8 +259,8 @@ def keep_bf16(graphs: dict[str, ir.Model], source) -> int:
 def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor], stacks: dict[str, list[str]],
                   path: Path, derived_key: str, report: Callable[[str], None] | None = None) -> dict:
     """Write every initializer of the graphs once into `path` and point both graphs at it. Returns statistics:
-    tensors, bytes written, bytes copied unchanged, seconds, the file's sha256, and the checkpoint bytes the written tensors come
-    from (``source_bytes``: the rate the export is measured by)."""
+    tensors, bytes written, bytes copied unchanged, seconds, the file's sha256, and the checkpoint bytes the written
+    tensors come from (``source_bytes``: the rate the export is measured by)."""
     from .weights import resolve
 
     wanted: dict[str, ir.Value] = {}

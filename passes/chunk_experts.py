@@ -17,7 +17,9 @@ In the gathered rows, slots of other experts point outside the one-row stack and
 the body), so each trip computes the body's term of expert eids[e] for the M tokens that chose it (the same GEMM
 rows, one expert at a time; every op of the body is row-wise), and ``acc[rows] +=`` the term is the body's final
 ReduceSum over experts, which ONNX Runtime folds sequentially in ascending expert id (passes/ordered_sum.py): the
-numbers are NarrowMoE's bit for bit (the dense body's other rows add an exact 0). One expert per trip is what
+numbers are NarrowMoE's (the dense body's other rows add an exact 0) as far as MLAS rounds a GEMM row the same for
+M gathered rows as for all N: bit for bit on tiny and small (tests) and on the Flash slice at 512 prompt tokens; at
+64 the Flash slice's prompt logits moved by 1.1e-6 (docs/passes.md). One expert per trip is what
 keeps that fold: a chunk of C experts would sum its own terms first and regroup the additions (and expert-parallel's
 ordered sum, which reproduces the single fold term by term, would no longer match). Gathering the rows makes a
 prefill's routed-expert GEMMs N x K rows in all instead of N x U (issue [16]: a 64-token Flash prompt selects ~200

@@ -9,7 +9,8 @@ Which ops a target keeps follows from the registry's faces (export/custom_ops.py
   On ort-cpu, IndexerTopK and SparseAttn inline query-chunked wrappers of their bodies (passes/chunk_queries.py:
   a Loop over 256-query blocks, as the eager kernels do) in graphs with more than one query (prefill), so that
   prefill memory and time stay linear in length; and NarrowMoE's experts run one per trip of a Loop in prefill graphs
-  (passes/chunk_experts.py: memory bounded whatever the number of experts the prompt selects, bit for bit).
+  (passes/chunk_experts.py: memory bounded whatever the number of experts the prompt selects; each trip on the
+  rows of the tokens that chose its expert).
 
 Inlined nodes keep the call's metadata (its layer) and are tagged ``dsv4.op = <op>`` so that ``census`` can
 attribute them to the op they implement.
