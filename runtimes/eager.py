@@ -17,7 +17,7 @@ import torch
 from dsv4.export.artifact import stage_printer
 from dsv4.models.config import SIM_SWITCHES
 
-from .verdict import tolerance_for
+from .verdict import ULP_REL, tolerance_for
 
 
 # ---- the eager side ---------------------------------------------------------------------------------------------
@@ -75,20 +75,43 @@ def model_device(model) -> torch.device:
     return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
 
 
-NOISE_SITES = ("Linear", "RMSNorm")  # module classes whose outputs a noise twin moves (besides the layer outputs)
+NOISE_SITES = ("Linear", "RMSNorm", "MoE")  # module classes whose outputs a noise twin moves (+ the layer outputs)
+
+
+def accumulation_spread(k: int) -> float:
+    """The spread of an fp32 dot product of length `k` between two summation orders, in units of 2^-23 x the rms of
+    the outputs: min(3, 0.15 sqrt(k)). Measured (docs/parity.md, 64 x k @ k x 512 Gaussian): torch vs fp64 1.2
+    (k 64), 2.4 (256, 1024), 2.9-3.1 (4096-16384); ORT's MLAS vs torch 0 (k <= 256: same order), 2.7-3.3 (k >=
+    2048). One fp32 ulp of each output, what the twins moved before, is ~1 of these units: at k = 4096 MLAS and
+    torch differ by 4 ulps at the median, 25 at p90."""
+    return min(3.0, 0.15 * k ** 0.5)
+
+
+def _reduction(mod) -> int:
+    """The length of the fp32 dot products behind a noise site's output (0: none, only its own rounding)."""
+    name = type(mod).__name__
+    return mod.in_features if name == "Linear" else mod.args.moe_inter_dim if name == "MoE" else 0
 
 
 @contextlib.contextmanager
 def _hooks(model, perturb_seed: int | None, capture: dict | None):
-    """Forward hooks: with `perturb_seed`, move the output of every linear layer, every RMSNorm and every decoder
-    layer by +-1 ulp at random (a noise twin: where another fp32 implementation's accumulation order differs);
-    with `capture`, record every decoder layer's output streams ("layer{i}" -> numpy)."""
+    """Forward hooks: with `perturb_seed`, move the outputs of every linear layer, RMSNorm, MoE and decoder layer
+    (a noise twin: where another fp32 implementation's accumulation order and rounding differ): each element by
+    +-1 ulp of its own type at random, and the outputs of a length-k reduction (linear: k = in_features; MoE: the
+    expert GEMMs' moe_inter_dim) also by a Gaussian of standard deviation accumulation_spread(k) x 2^-23 x the rms of
+    the output row (fp32 accumulation, whatever the output type); with `capture`, record every decoder layer's
+    output streams ("layer{i}" -> numpy)."""
     gen = torch.Generator().manual_seed(perturb_seed) if perturb_seed is not None else None
     handles = []
 
-    def jitter(t):
+    def jitter(t, k: int = 0):
         r = torch.randint(0, 3, t.shape, generator=gen).to(device=t.device, dtype=t.dtype) - 1
-        return t * (1 + torch.finfo(t.dtype).eps * r)  # 1 ulp of the tensor's own type (ULP_REL for fp32)
+        out = t * (1 + torch.finfo(t.dtype).eps * r)  # 1 ulp of the tensor's own type (ULP_REL for fp32)
+        if k:
+            rms = t.float().square().mean(-1, keepdim=True).sqrt()
+            g = torch.randn(t.shape, generator=gen).to(t.device)
+            out = (out.float() + ULP_REL * accumulation_spread(k) * rms * g).to(t.dtype)
+        return out
 
     def layer_hook(i):
         def hook(mod, inp, out):
@@ -101,7 +124,7 @@ def _hooks(model, perturb_seed: int | None, capture: dict | None):
         return hook
 
     def module_hook(mod, inp, out):
-        return jitter(out) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+        return jitter(out, _reduction(mod)) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
     if gen is not None:
         handles += [mod.register_forward_hook(module_hook) for mod in model.modules()
