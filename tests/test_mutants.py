@@ -35,7 +35,9 @@ def mutant(tiny_artifact_default, tmp_path_factory):
 def test_the_unmutated_default_artifact_passes(tiny_artifact_default, reference):
     rep = run_parity(tiny_artifact_default, reference=reference, per_layer=True, threads=1)
     assert rep.ok, rep.summary()
-    assert rep.summary() == "PASS" and rep.first_divergent_layer is None
+    assert rep.summary().startswith("PASS") and rep.first_divergent_layer is None
+    # rows whose median the noise twins fail against each other are reported, not judged: prefill rows only
+    assert all(n.startswith("prefill.") for n in rep.not_judged) and len(rep.not_judged) < len(rep.rows) // 4
     judged = [r for r in rep.rows if r.quantiles]
     assert len(judged) > 40 and all(r.criterion for r in rep.rows)
     logits = next(r for r in rep.rows if r.name == "decode.logits")
