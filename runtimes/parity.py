@@ -59,12 +59,11 @@ from .verdict import (
     render,
     row_errors,
     tolerance_for,
-    twins_disagree,
 )
 
 __all__ = ["TOLERANCES", "Comparison", "ParityReport", "Reference", "Tolerance", "Trace", "changed_rows", "compare",
            "eager_model", "eager_reference", "fp64_twin", "judge_rows", "plain_lines", "render", "row_errors",
-           "run_parity", "tolerance_for", "twins_disagree"]
+           "run_parity", "tolerance_for"]
 
 
 # ---- the artifact side ------------------------------------------------------------------------------------------
