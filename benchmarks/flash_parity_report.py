@@ -59,7 +59,7 @@ def section(work: Path) -> str:
         f"{os.getloadavg()[0]:.1f} at the report), CPU only. Checkpoint: `dsv4 checkpoint make --preset flash --layers "
         "2` (real data, Flash dimensions: dim 4096, 256 MXFP4 experts, vocab 129280). The eager side and the artifact "
         "side run in separate child processes (they do not fit in RAM together); the eager reference is pickled and "
-        "handed to `run_parity(ART, reference=...)`; the verdict's criteria are runtimes/verdict.py's, unchanged. "
+        "handed to `run_parity(ART, reference=...)`; the verdict's criteria are runtimes/verdict.py's (the benchmark changes none). "
         "RSS = the child's peak resident set.")
     lines.append("")
     lines.append("| mode | layers | tolerance | prompt + steps | verdict | prefill logits max / p50 | decode logits max "
