@@ -26,6 +26,10 @@ Per mode, each a child process measured by ``_common.measure`` (peak RSS = ru_ma
    the float model would hold 26 GB per layer;
 4. ``artifact``: ``run_parity(ART, reference=...)`` on ORT CPU; the report (rows, agreement, times) is saved.
 
+``--mutant NAME`` (norm, kv_norm, sinkhorn; repeatable): after a mode's verdict, that edit of its artifact
+(tests/mutants.py ``make_linked``: graph files copied and edited, the weights file hard-linked, seconds and no disk)
+is judged by a further artifact child against the same reference; it must FAIL (the check can fail at real size).
+
 Results: --work/results.json; ``report`` (also run at the end of ``run`` unless --out -) writes the marked section
 ``flash_parity`` of docs/PERF.md (benchmarks/flash_parity_report.py). Child logs: --work/<mode>/<stage>.log.
 """
@@ -221,6 +225,32 @@ def launch(a, res: dict, work: Path, mode: str, stage: str, cmd: list[str]) -> N
     save_results(work, res)
 
 
+def run_mutant(a, res: dict, work: Path, mode: str, art: Path, refp: Path, name: str) -> None:
+    """Mutant `name` of the mode's artifact (tests/mutants.py LINKABLE: graph files edited, the weights file
+    hard-linked) judged against the same eager reference: it must FAIL; its verdict goes to results.json."""
+    import shutil
+
+    sys.path.insert(0, str(HERE.parent.parent / "tests"))
+    from mutants import LINKABLE, make_linked
+
+    d = work / mode / f"mutant-{name}"
+    shutil.rmtree(d, ignore_errors=True)
+    make_linked(art, d / "art", name)
+    rep_path = d / "report.json"
+    launch(a, res, work, mode, f"mutant-{name}", [
+        sys.executable, str(HERE), "artifact", "--art", str(d / "art"), "--reference", str(refp), "--threads",
+        str(a.threads), "--result", str(rep_path), "--log", str(d / "artifact.log"), "--rss-limit-gb",
+        str(a.rss_limit_gb)])
+    rep = json.loads(rep_path.read_text())
+    r = res[mode]
+    r.setdefault("mutants", {})[name] = {
+        "edit": LINKABLE[name][0], "verdict": "PASS" if rep["ok"] else "FAIL", "summary": rep["lines"][-1],
+        "problems": [x[len("problem: "):] for x in rep["lines"] if x.startswith("problem: ")]}
+    shutil.rmtree(d / "art")  # graph copies and hard links: the report and the log stay
+    save_results(work, res)
+    say(f"{mode}: mutant {name}: {r['mutants'][name]['verdict']}" + (" -- A MUTANT PASSED" if rep["ok"] else ""))
+
+
 def run(a) -> None:
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -273,6 +303,8 @@ def run(a) -> None:
         r["weights"], r["tolerance_key"] = man["weights"], rep["tolerance_key"]
         save_results(work, res)
         say(f"{mode}: {r['verdict']}\n" + "\n".join(rep["lines"]))
+        for name in a.mutant or []:
+            run_mutant(a, res, work, mode, art, refp, name)
         if a.drop_artifact:
             import shutil
 
@@ -299,6 +331,9 @@ def main() -> None:
     r.add_argument("--rss-limit-gb", type=float, default=14.0,
                    help="the artifact child stops past this anonymous RSS (the box has no swap)")
     r.add_argument("--drop-artifact", action="store_true", help="delete each artifact after its parity run")
+    r.add_argument("--mutant", action="append", choices=["norm", "kv_norm", "sinkhorn"],
+                   help="also judge this edit of the artifact (tests/mutants.py LINKABLE; weights hard-linked) "
+                        "against the same reference: it must FAIL")
     r.add_argument("--out", default="docs/PERF.md")
     r.set_defaults(fn=run)
     rp = sub.add_parser("report")

@@ -98,6 +98,11 @@ def section(work: Path) -> str:
     lines += timing
     lines.append("")
     lines += [f"- {mode}: {n}" for mode, r in res.items() for n in r.get("notes", [])]
+    for mode, r in res.items():  # flash_parity.py --mutant: edits of the artifact, judged against the same reference
+        for name, m in r.get("mutants", {}).items():
+            why = "; ".join(m["problems"][:3]) if m["verdict"] == "FAIL" else "**it passed: the verdict missed it**"
+            lines.append(f"- {mode}: mutant `{name}` ({m['edit']}, weights hard-linked, the same reference): "
+                         f"**{m['verdict']}** ({why})")
     lines.append("")
     lines.append("Rows: max = the largest |artifact − eager| of any element; p50 = the median over positions of the "
                  "per-position max (calibrated mode; strict mode shows no quantiles); noise p50 = the noise twins'. "

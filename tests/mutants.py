@@ -181,3 +181,58 @@ def make(src: Path, dst: Path, name: str) -> Path:
     MUTANTS[name][1](dst)
     refresh_hashes(dst)
     return dst
+
+
+def inline_weight(art: Path, name: str, fn) -> None:
+    """Weight `name` := fn(values) as an initializer stored in each graph file that reads it, leaving the weights
+    file as it is (a real-size artifact's weights file can be hard-linked, not copied, into the mutant)."""
+    done = False
+    for g in GRAPH_FILES:
+        m = onnx.load(str(art / g), load_external_data=False)
+        t = next((t for t in m.graph.initializer if t.name == name), None)
+        if t is None:
+            continue
+        np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            with open(art / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                old = np.frombuffer(f.read(int(info["length"])), dtype=np_dt).reshape(tuple(t.dims))
+        else:
+            old = numpy_helper.to_array(t)
+        new = np.asarray(fn(old.copy()), dtype=old.dtype)
+        assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
+        t.CopyFrom(numpy_helper.from_array(new, name))
+        onnx.save(m, str(art / g))
+        done = True
+    assert done, f"{name}: no initializer of that name in {art}"
+
+
+# mutants that edit graph files only (inline_weight for weights): applicable to a hard-linked real-size copy
+LINKABLE = {
+    "norm": ("final norm.weight x 1.01", lambda a: inline_weight(a, "norm.weight", lambda w: w * 1.01)),
+    "kv_norm": ("layers.1.attn.kv_norm.weight x 1.01",
+                lambda a: inline_weight(a, "layers.1.attn.kv_norm.weight", lambda w: w * 1.01)),
+    "sinkhorn": MUTANTS["sinkhorn"],
+}
+
+
+def make_linked(src: Path, dst: Path, name: str) -> Path:
+    """Mutant `name` of LINKABLE at `dst`: graph files and manifest copied, every other file hard-linked (a 9 GB
+    weights file costs nothing), hashes of the copied files refreshed (the linked ones are unchanged)."""
+    dst.mkdir(parents=True)
+    copied = {MANIFEST, *GRAPH_FILES, "config.json"}
+    for f in src.iterdir():
+        if f.is_file():
+            if f.name in copied:
+                shutil.copy2(f, dst / f.name)
+            else:
+                (dst / f.name).hardlink_to(f)
+    LINKABLE[name][1](dst)
+    mpath = dst / MANIFEST
+    man = json.loads(mpath.read_text())
+    for rel in man["files"]:
+        if rel in copied:
+            man["files"][rel] = {"bytes": (dst / rel).stat().st_size, "sha256": sha256(dst / rel)}
+    mpath.write_text(json.dumps(man, indent=2) + "\n")
+    return dst

@@ -10,7 +10,7 @@ runs ``dsv4 parity`` itself on each (the eager side rebuilt every time, as a use
 from __future__ import annotations
 
 import pytest
-from mutants import MUTANTS, make
+from mutants import MUTANTS, make, make_linked
 
 from dsv4.export.artifact import load_manifest
 from dsv4.runtimes.parity import run_parity
@@ -67,6 +67,21 @@ def test_every_mutant_fails_and_names_what_diverged(name, mutant, reference):
         assert rep.first_divergent_layer == layer, (name, rep.summary())
     assert rep.summary().startswith("FAIL: diverged: ") and row in rep.summary()
     assert all(r.failed for r in rep.rows if not r.ok)
+
+
+def test_a_linked_mutant_shares_the_weights_file_and_fails(tiny_artifact_default, tmp_path, reference):
+    """make_linked (benchmarks/flash_parity.py --mutant, real-size slices): graph files copied and edited, the
+    weights file hard-linked and untouched; the kv_norm edit fails as the copied mutant does, on layer 1."""
+    import os
+
+    src = tiny_artifact_default
+    before = (src / "weights.data").read_bytes()
+    art = make_linked(src, tmp_path / "kv_norm", "kv_norm")
+    assert os.stat(art / "weights.data").st_ino == os.stat(src / "weights.data").st_ino
+    assert (src / "weights.data").read_bytes() == before
+    load_manifest(art, verify=True)
+    rep = run_parity(art, reference=reference, threads=1)
+    assert not rep.ok and "decode.1.window" in rep.diverged and rep.first_divergent_layer == 1, rep.summary()
 
 
 def test_sinkhorn_edit_of_the_raw_graph_fails(tiny_artifact, tmp_path, reference):
