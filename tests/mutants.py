@@ -22,42 +22,47 @@ def copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def refresh_hashes(art: Path) -> None:
-    """Recompute every file's size and sha256 in the manifest, as a careful forger would."""
+def refresh_hashes(art: Path, only: set[str] | None = None) -> None:
+    """Recompute the manifest's size and sha256 of every file (or of those in `only`), as a careful forger would."""
     mpath = art / MANIFEST
     man = json.loads(mpath.read_text())
     for rel in man["files"]:
-        p = art / rel
-        man["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        if only is None or rel in only:
+            p = art / rel
+            man["files"][rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     mpath.write_text(json.dumps(man, indent=2) + "\n")
 
 
 GRAPH_FILES = ("prefill.onnx", "decode.onnx")
 
 
-def edit_weight(art: Path, name: str, fn) -> None:
+def edit_weight(art: Path, name: str, fn, inline: bool = False) -> None:
     """Replace weight `name` by fn(values): in the weights file when it is stored there (both graphs read it), else
-    in every graph file that holds it inline (derived weights of a pass pipeline run outside export)."""
+    in every graph file that holds it inline (derived weights of a pass pipeline run outside export). inline=True:
+    always as an initializer stored in each graph file that reads it, the weights file left as it is (a real-size
+    artifact's weights file can be hard-linked, not copied, into the mutant)."""
     done = False
     for g in GRAPH_FILES:
         m = onnx.load(str(art / g), load_external_data=False)
         t = next((t for t in m.graph.initializer if t.name == name), None)
         if t is None:
             continue
+        np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             path, off, n = art / info["location"], int(info.get("offset", 0)), int(info["length"])
-            np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-            buf = bytearray(path.read_bytes())
-            old = np.frombuffer(bytes(buf[off:off + n]), dtype=np_dt).reshape(tuple(t.dims))
-            new = np.asarray(fn(old.copy()), dtype=np_dt)
-            assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
-            buf[off:off + n] = new.tobytes()
-            path.write_bytes(bytes(buf))
-            return
-        old = numpy_helper.to_array(t)
+            with open(path, "rb") as f:
+                f.seek(off)
+                old = np.frombuffer(f.read(n), dtype=np_dt).reshape(tuple(t.dims))
+        else:
+            old = numpy_helper.to_array(t)
         new = np.asarray(fn(old.copy()), dtype=old.dtype)
         assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
+        if t.data_location == onnx.TensorProto.EXTERNAL and not inline:
+            with open(path, "r+b") as f:
+                f.seek(off)
+                f.write(new.tobytes())
+            return
         t.CopyFrom(numpy_helper.from_array(new, name))
         onnx.save(m, str(art / g))
         done = True
@@ -183,36 +188,11 @@ def make(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
-def inline_weight(art: Path, name: str, fn) -> None:
-    """Weight `name` := fn(values) as an initializer stored in each graph file that reads it, leaving the weights
-    file as it is (a real-size artifact's weights file can be hard-linked, not copied, into the mutant)."""
-    done = False
-    for g in GRAPH_FILES:
-        m = onnx.load(str(art / g), load_external_data=False)
-        t = next((t for t in m.graph.initializer if t.name == name), None)
-        if t is None:
-            continue
-        np_dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            with open(art / info["location"], "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                old = np.frombuffer(f.read(int(info["length"])), dtype=np_dt).reshape(tuple(t.dims))
-        else:
-            old = numpy_helper.to_array(t)
-        new = np.asarray(fn(old.copy()), dtype=old.dtype)
-        assert new.shape == old.shape and not np.array_equal(new, old), f"{name}: the edit changed nothing"
-        t.CopyFrom(numpy_helper.from_array(new, name))
-        onnx.save(m, str(art / g))
-        done = True
-    assert done, f"{name}: no initializer of that name in {art}"
-
-
-# mutants that edit graph files only (inline_weight for weights): applicable to a hard-linked real-size copy
+# mutants that edit graph files only (weights stored inline): applicable to a hard-linked real-size copy
 LINKABLE = {
-    "norm": ("final norm.weight x 1.01", lambda a: inline_weight(a, "norm.weight", lambda w: w * 1.01)),
+    "norm": ("final norm.weight x 1.01", lambda a: edit_weight(a, "norm.weight", lambda w: w * 1.01, inline=True)),
     "kv_norm": ("layers.1.attn.kv_norm.weight x 1.01",
-                lambda a: inline_weight(a, "layers.1.attn.kv_norm.weight", lambda w: w * 1.01)),
+                lambda a: edit_weight(a, "layers.1.attn.kv_norm.weight", lambda w: w * 1.01, inline=True)),
     "sinkhorn": MUTANTS["sinkhorn"],
 }
 
@@ -229,10 +209,5 @@ def make_linked(src: Path, dst: Path, name: str) -> Path:
             else:
                 (dst / f.name).hardlink_to(f)
     LINKABLE[name][1](dst)
-    mpath = dst / MANIFEST
-    man = json.loads(mpath.read_text())
-    for rel in man["files"]:
-        if rel in copied:
-            man["files"][rel] = {"bytes": (dst / rel).stat().st_size, "sha256": sha256(dst / rel)}
-    mpath.write_text(json.dumps(man, indent=2) + "\n")
+    refresh_hashes(dst, only=copied)
     return dst
