@@ -28,7 +28,7 @@ import onnx_ir.passes.common
 import onnxscript
 import torch
 
-from dsv4.models.checkpoint_io import check_destination
+from dsv4.models.checkpoint_io import check_destination, check_space
 from dsv4.models.config import check_sims
 from dsv4.models.model import DeepseekV4
 
@@ -152,7 +152,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     mtp: bool = False,
                     quant_sims: dict[str, bool] | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
-                    prefill_lengths: tuple[int, ...] | None = None) -> ExportResult:
+                    prefill_lengths: tuple[int, ...] | None = None, space_check: bool = True) -> ExportResult:
     """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
     preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
 
@@ -167,7 +167,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     export/stream.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
     all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
     real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]). mtp: also the MTP graph and the
-    multi-token verify graph of speculative decoding (export/mtp.py).
+    multi-token verify graph of speculative decoding (export/mtp.py). space_check: refuse, before writing any
+    weight, an artifact the destination's filesystem has no room for (DiskSpaceError; docs/export.md).
     """
     if sum(x is not None for x in (checkpoint, model, preset)) != 1:
         raise ValueError("export: give exactly one of checkpoint, model, preset")
@@ -265,7 +266,9 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             with stage("weights") as status:
                 written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
                                        bf16=experts is not None and transform is not None,  # not raw graphs
-                                       report=reporter(status, progress))
+                                       report=reporter(status, progress),
+                                       space=(lambda need: check_space(out.parent, need, f"--out {out}"))
+                                       if space_check else None)
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage("save + check"):
@@ -288,12 +291,13 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
 
 
 def bind_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor],
-                 stacks: dict[str, list[str]], path: Path, bf16: bool = False, report=None) -> dict:
+                 stacks: dict[str, list[str]], path: Path, bf16: bool = False, report=None, space=None) -> dict:
     """Write every initializer of the graphs once into `path` and point both graphs at it (export/stream.py);
-    `bf16`: BF16 checkpoint tensors stay BF16, cast in-graph. Returns the writer's statistics."""
+    `bf16`: BF16 checkpoint tensors stay BF16, cast in-graph; `space(need)` may refuse the size first. Returns
+    the writer's statistics."""
     if bf16:
         keep_bf16(graphs, source)
-    return write_weights(graphs, source, buffers, stacks, path, DERIVED, report)
+    return write_weights(graphs, source, buffers, stacks, path, DERIVED, report, space)
 
 
 def _real(t) -> bool:

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import torch
 
 from dsv4.models import quant
-from dsv4.models.checkpoint_io import DTYPES
+from dsv4.models.checkpoint_io import DTYPES, allocated_bytes
 from dsv4.models.config import FP8_BLOCK
 
 ALIGN = 64  # byte alignment of every tensor in the weights file
@@ -128,6 +128,10 @@ class WeightsFile:
         os.fsync(self._f.fileno())
         self._f.close()
         self.sha256 = self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Close after a failed write (e.g. a full disk) without flushing: the caller removes the file."""
+        self._f.close()
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
@@ -256,11 +260,28 @@ def keep_bf16(graphs: dict[str, ir.Model], source) -> int:
 
 
 # ---- the writer --------------------------------------------------------------------------------------------------
+def disk_bytes(jobs: list, source) -> int:
+    """The bytes the weights file will take on disk: every tensor's (aligned), less the holes that the ranges copied
+    from a sparse source keep (``dsv4 checkpoint make --sparse``). Asks the filesystem (SEEK_DATA), reads nothing."""
+    n = 0
+    for _, v, how, _ in jobs:
+        n += nbytes(v) + ALIGN
+        if callable(how):
+            continue
+        kind, members, shp = how
+        for m in (members if kind == "stack" else [members]):
+            if (t := raw_copy(source, m, v.dtype, shp)) is not None:
+                n -= t.nbytes - allocated_bytes(source.ck.path / t.file, t.offset, t.nbytes)
+    return n
+
+
 def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.Tensor], stacks: dict[str, list[str]],
-                  path: Path, derived_key: str, report: Callable[[str], None] | None = None) -> dict:
+                  path: Path, derived_key: str, report: Callable[[str], None] | None = None,
+                  space: Callable[[int], None] | None = None) -> dict:
     """Write every initializer of the graphs once into `path` and point both graphs at it. Returns statistics:
     tensors, bytes written, bytes copied unchanged, seconds, the file's sha256, and the checkpoint bytes the written
-    tensors come from (``source_bytes``: the rate the export is measured by)."""
+    tensors come from (``source_bytes``: the rate the export is measured by). `space(need)`, before anything is
+    written: may refuse (checkpoint_io.check_space) the weights file's size on disk (disk_bytes)."""
     from .weights import resolve
 
     wanted: dict[str, ir.Value] = {}
@@ -290,6 +311,8 @@ def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.
     src_names = {n for *_, srcs in jobs for n in srcs}
     src_names |= {n[: -len("weight")] + "scale" for n in src_names if n.endswith(".weight") and source.packed(n)}
     source_bytes = sum(t.nbytes for n in src_names if (t := stored(source, n)) is not None)
+    if space is not None:
+        space(disk_bytes(jobs, source))
     prog = Progress(len(jobs), sum(nbytes(v) for _, v, *_ in jobs), report)
     wf = WeightsFile(path)
     locs: dict[str, tuple[int, int]] = {}
@@ -319,8 +342,10 @@ def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.
             if locs[name][1] != nbytes(v):
                 raise ValueError(f"weights: wrote {locs[name][1]} bytes for {name}, the graph wants {nbytes(v)}")
             prog.advance(0, tensor=True)
-    finally:
-        wf.close()
+    except BaseException:
+        wf.abort()
+        raise
+    wf.close()
     for m in graphs.values():
         for name, v in m.graph.initializers.items():
             if name in locs:

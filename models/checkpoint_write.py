@@ -23,7 +23,16 @@ import torch
 
 from . import quant
 from .checkpoint import TensorSpec, expected_tensors
-from .checkpoint_io import CONFIG, DTYPES, INDEX, progress_bar, safetensors_header, write_shard, writing_dir
+from .checkpoint_io import (
+    CONFIG,
+    DTYPES,
+    INDEX,
+    check_space,
+    progress_bar,
+    safetensors_header,
+    write_shard,
+    writing_dir,
+)
 from .config import FP8_BLOCK, ModelArgs
 from .synthetic import synthetic_chunks
 
@@ -128,8 +137,9 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     with writing_dir(out, overwrite, "checkpoint make") as tmp:
-        (tmp / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         total = sum(e.nbytes for s in shards for e in s)
+        check_space(tmp, 0 if sparse else total, f"checkpoint make {out}")  # sparse: holes take no blocks
+        (tmp / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         with progress_bar(progress, f"writing {out.name}", total) as advance:
             for file, entries in zip(names, shards):
                 if sparse:

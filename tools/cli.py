@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dsv4.models.checkpoint_io import DiskSpaceError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, KeyError, DiskSpaceError) as e:  # user errors: one clear line, no traceback
         from rich.console import Console
         from rich.markup import escape
 

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-logits", action="store_true",
                    help="prefill returns the logits of every position (default: of each sequence's last token)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="write even when --out's filesystem reports less free space than the artifact needs")
     p.add_argument("--no-passes", action="store_true", help="keep the raw exported graph (no pass pipeline), for debugging")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--ranks", type=int, default=None,
@@ -63,7 +65,8 @@ def run(a: argparse.Namespace) -> int:
                           all_logits=getattr(a, "all_logits", False), mtp=getattr(a, "mtp", False), quant_sim=False if a.no_quant_sim else None,
                           quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},
                           overwrite=a.force, transform=None if a.no_passes else _pipeline(), progress=None if not a.no_progress else False,
-                          batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
+                          batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths),
+                          space_check=not getattr(a, "no_space_check", False))
     print_table(summary(res.manifest, res.path))
     return 0
 

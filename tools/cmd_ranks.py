@@ -30,7 +30,8 @@ def export(a: argparse.Namespace) -> int:
                        experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len,
                        quant_sim=False if a.no_quant_sim else None,
                        quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},
-                       batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
+                       batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths),
+                       space_check=not getattr(a, "no_space_check", False))
     print_table(ranks_table(man, a.out))
     return 0
 
