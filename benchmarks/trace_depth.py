@@ -23,7 +23,7 @@ from pathlib import Path
 from _common import machine, update_section
 
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
-DEFAULT = ["flash:1", "flash:2", "flash:4", "flash:8", "pro:2"]
+DEFAULT = ["flash:1", "flash:2", "flash:4", "flash:8", "flash:43", "pro:2", "pro:8", "pro:61"]  # 43, 61: whole
 
 CHILD = r"""
 import json, resource, sys, time
@@ -31,13 +31,15 @@ from dsv4.export.layers import kinds, trace_by_kind
 from dsv4.export.signature import growable
 from dsv4.export.step import split_step
 from dsv4.export.targets import get_target
+from dsv4.export.tracing import no_cycle_gc
 from dsv4.export.weights import CheckpointSource, skeleton
 src = CheckpointSource(sys.argv[1], max_seq_len=8192)
 skel = skeleton(src.args, src, "packed")
 skel.to("meta")
 c, t = time.process_time(), time.perf_counter()
-m = trace_by_kind(skel, "step", get_target("ort-cpu"))
-graphs = split_step(m, src.args, skel.dtype, growable(src.args, get_target("ort-cpu")))
+with no_cycle_gc():  # as dsv4 export's "trace step" stage
+    m = trace_by_kind(skel, "step", get_target("ort-cpu"))
+    graphs = split_step(m, src.args, skel.dtype, growable(src.args, get_target("ort-cpu")))
 print("@@" + json.dumps({"kinds": len(kinds(src.args)[0]), "layers": src.args.n_layers,
                          "cpu_s": time.process_time() - c, "wall_s": time.perf_counter() - t,
                          "nodes": sum(1 for _ in graphs["decode"].graph),
@@ -62,19 +64,30 @@ def run_one(work: Path, spec: str) -> dict:
     return {"slice": spec, **res}
 
 
+def _layers(r: dict) -> str:
+    n = r["slice"].split(":")[1]
+    return f"{n} layer" if n == "1" else f"{n} layers"
+
+
 def render(rows: list[dict]) -> str:
     base = {r["slice"].split(":")[0]: r for r in rows if r["slice"].endswith(":2")}
+    # depth alone: against the shallowest slice of the same preset that traces as many kinds
+    same = {}
+    for r in sorted(rows, key=lambda r: int(r["slice"].split(":")[1])):
+        same.setdefault((r["slice"].split(":")[0], r["kinds"]), r)
     lines = ["## Trace cost against depth (`benchmarks/trace_depth.py`)", "",
              f"{machine(1)}. The step trace of a dynamic export (ort-cpu, packed) of data-sparse slices at real "
              "dimensions: one trace serves prefill and decode (export/step.py), each distinct layer kind is traced "
              "once (export/layers.py), routed experts are one stacked parameter per weight kind (export/weights.py).",
-             "", "| slice | layer kinds traced | trace CPU | trace wall | × the 2-layer trace (CPU) | step graph nodes |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| slice | layer kinds traced | trace CPU | trace wall | × the 2-layer trace (CPU) | × the shallowest "
+             "slice with as many kinds (CPU) | step graph nodes |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["slice"].split(":")[0])
         x = f"{r['cpu_s'] / b['cpu_s']:.2f}×" if b else "–"
-        lines.append(f"| {r['slice'].replace(':', ' ')} layers | {r['kinds']} | {r['cpu_s']:.1f} s | "
-                     f"{r['wall_s']:.1f} s | {x} | {r['nodes']} |")
+        d = same[(r["slice"].split(":")[0], r["kinds"])]
+        y = f"{r['cpu_s'] / d['cpu_s']:.2f}× ({_layers(d)})" if d is not r else "–"
+        lines.append(f"| {r['slice'].split(':')[0]} {_layers(r)} | {r['kinds']} | {r['cpu_s']:.1f} s | "
+                     f"{r['wall_s']:.1f} s | {x} | {y} | {r['nodes']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ from .static import finalize, static_shapes
 from .step import capacity_default, split_step
 from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
 from .targets import Target, get_target
+from .tracing import no_cycle_gc
 from .weights import CheckpointSource, ModuleSource, skeleton
 
 WEIGHTS_FILE = "weights.data"
@@ -233,7 +234,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
         traced: dict[str, ir.Model] = {}
         if not shapes:  # dynamic: one trace of the step serves both graphs (export/step.py)
             t = time.perf_counter()
-            with stage("trace step"):
+            with stage("trace step"), no_cycle_gc():
                 traced = split_step(trace_by_kind(skel, "step", tgt, all_logits=all_logits, hidden=mtp), args,
                                     skel.dtype, growable(args, tgt))
             seconds["trace step"] = time.perf_counter() - t
@@ -241,11 +242,11 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             graph = graph_key(kind, length)
             t = time.perf_counter()
             if graph == "mtp":
-                with stage("trace mtp"):
+                with stage("trace mtp"), no_cycle_gc():
                     traced[graph] = trace_mtp(skel, tgt)
                 seconds["trace mtp"] = time.perf_counter() - t
             elif graph not in traced:
-                with stage(f"trace {graph}"):
+                with stage(f"trace {graph}"), no_cycle_gc():
                     traced[graph] = trace_by_kind(skel, kind, tgt, shapes and shapes["batch"], length,  # layers.py
                                                   all_logits=all_logits or graph == "verify", hidden=mtp)
                 seconds[f"trace {graph}"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ layers.py traces each layer kind once through ``trace``."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import warnings
@@ -59,6 +60,22 @@ def _quiet():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def no_cycle_gc():
+    """Python's cyclic garbage collector paused while a trace and its graph copies run, one collection after.
+    Tracing and cloning create ~10^5-10^6 objects; each automatic collection rescans the growing heap. Measured
+    (benchmarks/trace_depth.py's child, CPU including the final collection): Pro 61 layers 32.3 -> 27.5 s, Pro 8
+    layers 25.5 -> 23.4 s, Flash 2 layers 5.7 -> 5.5 s; peak RSS +0.06 GB (the cycles wait for the end)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
 
 
 class _PaddedPrefill(_Prefill):
