@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dsv4.models.checkpoint_io import check_destination
+from dsv4.models.checkpoint_io import allocated_bytes, check_destination, check_space
 
 from . import artifact
-from .stream import WeightsFile
+from .stream import ALIGN, WeightsFile
 
 FORMAT = "dsv4-ranks"
 FORMAT_VERSION = 1
@@ -87,6 +87,8 @@ def shard(template: str | Path, ranks: int, out: str | Path, overwrite: bool = F
     per = experts // ranks
     out = Path(out)
     check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_space(out.parent, ranks_disk_bytes(template, tman, ranks), f"--out {out} ({ranks} ranks)")
     rows = []
     with artifact.writing(out, overwrite) as tmp, artifact.stage_printer(progress) as stage:
         for r in range(ranks):
@@ -97,6 +99,35 @@ def shard(template: str | Path, ranks: int, out: str | Path, overwrite: bool = F
                         for r in rows}  # each rank manifest hashes its own files
         (tmp / artifact.MANIFEST).write_text(json.dumps(man, indent=2) + "\n")
     return man
+
+
+def _sharded(m: onnx.ModelProto, path: Path) -> set[str]:
+    """The expert stacks a rank template's graph marks for cutting; ValueError for a graph that is no template."""
+    sharded = set(json.loads(next((p.value for p in m.metadata_props if p.key == SHARDED_KEY), "null")) or [])
+    if not sharded:
+        raise ValueError(f"{path}: not a rank template (no {SHARDED_KEY} metadata; export with --ranks)")
+    return sharded
+
+
+def ranks_disk_bytes(template: Path, tman: dict, ranks: int) -> int:
+    """What `ranks` rank artifacts cut from `template` take on disk: each replicated tensor once per rank, each
+    expert stack once in all (E/N rows per rank), aligned, the holes of a sparse template excluded; plus the graph
+    files once per rank. Read from the template's graphs (no weight is read)."""
+    seen: set[str] = set()
+    need = 0
+    for info in tman["graphs"].values():
+        path = template / info["file"]
+        need += ranks * path.stat().st_size
+        m = onnx.load(str(path), load_external_data=False)
+        sharded = _sharded(m, path)
+        for t in m.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.name in seen:
+                continue
+            seen.add(t.name)
+            ext = {e.key: e.value for e in t.external_data}
+            held = allocated_bytes(template / ext["location"], int(ext.get("offset", 0)), int(ext["length"]))
+            need += ranks * ALIGN + (held if t.name in sharded else ranks * held)
+    return need
 
 
 def _write_rank(template: Path, tman: dict, dest: Path, rank: int, ranks: int, offset: int, count: int) -> dict:
@@ -115,10 +146,7 @@ def _write_rank(template: Path, tman: dict, dest: Path, rank: int, ranks: int, o
     try:
         for g, info in tman["graphs"].items():
             m = onnx.load(str(template / info["file"]), load_external_data=False)
-            sharded = set(json.loads(next((p.value for p in m.metadata_props if p.key == SHARDED_KEY), "null")) or [])
-            if not sharded:
-                raise ValueError(f"{template / info['file']}: not a rank template (no {SHARDED_KEY} metadata; export "
-                                 "with --ranks)")
+            sharded = _sharded(m, template / info["file"])
             for t in m.graph.initializer:
                 if t.data_location != onnx.TensorProto.EXTERNAL:
                     continue

@@ -242,3 +242,34 @@ def test_cli_export_bad_ranks(capfd):
 
     assert main(["export", "--preset", "tiny", "--ranks", "3", "--out", "/nonexistent/never"]) == 2
     assert "--ranks: 3 does not divide the model's 8 routed experts" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_ranks_disk_bytes_bound_the_rank_artifacts_and_a_short_disk_is_refused(tiny_template, tiny_ranks, tmp_path,
+                                                                               monkeypatch, n):
+    """shard() asks for its bytes on disk before writing: the rank weights files + graphs it then writes, up to
+    each tensor's alignment (ALIGN per tensor per rank); a filesystem without that much free refuses with nothing
+    written."""
+    from collections import namedtuple
+
+    from dsv4.export import artifact
+    from dsv4.export.ranks import ranks_disk_bytes
+    from dsv4.models import checkpoint_io
+
+    tman = artifact.load_manifest(tiny_template, verify=False)
+    need = ranks_disk_bytes(tiny_template, tman, n)
+    man = json.loads((tiny_ranks[n] / "manifest.json").read_text())
+    graphs = ("prefill.onnx", "decode.onnx")
+    weights = sum((tiny_ranks[n] / r["dir"] / "weights.data").stat().st_size for r in man["rank_dirs"])
+    rank_graphs = sum((tiny_ranks[n] / r["dir"] / f).stat().st_size for r in man["rank_dirs"] for f in graphs)
+    template_graphs = n * sum((tiny_template / f).stat().st_size for f in graphs)
+    tensors = len({t.name for f in graphs for t in onnx.load(str(tiny_template / f), load_external_data=False)
+                   .graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL})
+    # weights: exact up to each tensor's alignment; graphs: the template's size at most (value_info is dropped)
+    assert 0 <= need - template_graphs - weights <= n * ALIGN * tensors
+    assert 0.5 * template_graphs <= rank_graphs <= template_graphs
+    free = checkpoint_io.RESERVE + need - 1
+    monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(free, 0, free))
+    with pytest.raises(checkpoint_io.DiskSpaceError, match=rf"--out {tmp_path / 'r'} \({n} ranks\): needs"):
+        shard(tiny_template, n, tmp_path / "r", progress=False)
+    assert list(tmp_path.iterdir()) == []
