@@ -80,8 +80,8 @@ def _stack_nodes(m: ir.Node) -> tuple[ir.Value, list[ir.Node]] | str:
         for out in n.outputs:
             if any(u.node is not m and id(u.node) not in seen for u in out.uses()) or out.is_graph_output():
                 return f"{n.name} ({n.op_type}) has a consumer outside the stacks"
-    g = m.graph
-    return eids, sorted(order, key=lambda n: g.index(n))
+    pos = {id(n): i for i, n in enumerate(m.graph)}  # graph order (Graph.index walks the linked list per step)
+    return eids, sorted(order, key=lambda n: pos[id(n)])
 
 
 def _named(v: ir.Value, name: str) -> ir.Value:
