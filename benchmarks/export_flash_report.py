@@ -60,9 +60,11 @@ def _projection(slices: dict) -> list[str]:
     # layers 0-1 is the cheapest), whatever its depth
     one_kind = {s["preset"]: s["trace_s"] for s in sorted(slices.values(), key=lambda s: -s["layers"]) if s["layers"] <= 2}
     rss = max(s["export"]["rss_kb"] for s in slices.values()) * 1e3 / GB
+    rss_of = ", ".join(f"{s['export']['rss_kb'] * 1e3 / GB:.2f} GB at {s['preset']} {s['layers']}"
+                       for s in sorted(slices.values(), key=lambda s: (s["preset"], s["layers"])) if not s.get("mtp"))
     out = ["", "Projection (per-layer costs above; trace = the measured trace of the deepest slice with all four kinds "
-           "(Flash 43, Pro 61: the whole models), else 4 × the one-kind trace of that model's slice; peak RSS = the "
-           "largest measured, which grows with the graphs (0.51 GB at 2 Flash layers, 1.25 GB at 43, 1.48 GB for the whole Pro);",
+           "(the whole model when measured), else 4 × the one-kind trace of that model's slice; peak RSS = the "
+           f"largest measured, which grows with the graphs ({rss_of});",
            f"weights at the measured {rate / 1e6:.0f} MB/s of checkpoint bytes, fold + passes {per_layer_fold:.1f} s "
            f"and save + check {per_layer_save:.2f} s per layer):", "",
            "| model | checkpoint | artifact (default) | trace | fold + passes | weights | save + check | total | peak RSS |",
@@ -79,6 +81,20 @@ def _projection(slices: dict) -> list[str]:
         out.append(f"| {name} ({a.n_layers} layers + MTP) | {b / GB:.0f} GB | ~{art / GB:.0f} GB | ~{trace4:.0f} s | "
                    f"~{f:.0f} s | ~{w / 60:.0f} min | ~{sv:.0f} s | ~{tot / 60:.0f} min | ≤ {rss:.1f} GB |")
     return out
+
+
+def _whole(slices: dict) -> list[str]:
+    """A note on the sparse slices that hold a whole model: what they measure and what their holes hide."""
+    from dsv4.models.config import preset
+
+    whole = [s for s in slices.values() if s["sparse"] and s["layers"] == preset(s["preset"]).n_layers]
+    if not whole:
+        return []
+    parts = [f"{s['preset']} {s['layers']} layers: {(s['weights_bytes'] - s.get('artifact_blocks', 0)) / GB:.0f} GB of "
+             f"holes hashed, {s.get('artifact_blocks', 0) / GB:.1f} GB of derived re-layouts written as data"
+             for s in whole]
+    return ["", "The sparse slices with every layer are the whole models, measured end to end: everything but the disk "
+            "rate (" + "; ".join(parts) + ")."]
 
 
 def _decode(d: dict) -> list[str]:
@@ -119,10 +135,8 @@ def write_perf(path: Path, r: dict) -> None:
                   "export). `disk` = a plain 1 GB copy_file_range + fsync of a cold shard right after the export: "
                   "what the disk gave then. `save + check + sha256` = the graphs saved and checked plus the manifest's "
                   "hashes (weights.data's is computed while it is written). A 1-2 layer slice traces one layer kind, a "
-                  "slice of 5+ layers all four (the same representative model for 8 or 43 layers: `export/layers.py`). "
-                  "Flash 43 and Pro 61 layers are the whole models, measured end to end from sparse checkpoints: everything but "
-                  "the disk rate (their weights stages hash 156 and 851 GB of holes, and write the derived re-layouts as data: "
-                  "6.1 and 23.5 GB of blocks)."]
+                  "slice of 5+ layers all four (the same representative model for 8 or 43 layers: `export/layers.py`)."]
+        lines += _whole(r["slices"])
     if r.get("decode"):
         lines += _decode(r["decode"])
     if r.get("tiny"):

@@ -153,7 +153,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     mtp: bool = False,
                     quant_sims: dict[str, bool] | None = None, overwrite: bool = False,
                     transform: Transform | None = None, progress: bool | None = None, batch: int | None = None,
-                    prefill_lengths: tuple[int, ...] | None = None, space_check: bool = True) -> ExportResult:
+                    prefill_lengths: tuple[int, ...] | None = None,
+                    space_check: bool | Callable[[int], None] = True) -> ExportResult:
     """Export an artifact directory `out` from exactly one of: a checkpoint directory, an in-memory model, or a
     preset (a synthetic checkpoint with `seed` is written to a temporary directory first).
 
@@ -169,7 +170,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
     real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]). mtp: also the MTP graph and the
     multi-token verify graph of speculative decoding (export/mtp.py). space_check: refuse, before writing any
-    weight, an artifact the destination's filesystem has no room for (DiskSpaceError; docs/export.md).
+    weight, an artifact the destination's filesystem has no room for (DiskSpaceError; docs/export.md); a callable
+    gets the weights file's bytes on disk instead and may refuse them itself (export --ranks).
     """
     if sum(x is not None for x in (checkpoint, model, preset)) != 1:
         raise ValueError("export: give exactly one of checkpoint, model, preset")
@@ -205,7 +207,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dsv4-synth-")))
                 pargs = get_preset(preset, **overrides)
                 overrides.setdefault("max_seq_len", pargs.max_seq_len)  # config.json does not carry it
-                checkpoint = write_synthetic(pargs, tmp / preset, seed=seed, progress=False)
+                checkpoint = write_synthetic(pargs, tmp / preset, seed=seed, progress=False,
+                                             space_check=bool(space_check))
                 source_info = {"kind": "synthetic", "preset": preset, "seed": seed}
             if model is not None:
                 src = ModuleSource(model)
@@ -268,7 +271,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                 written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
                                        bf16=experts is not None and transform is not None,  # not raw graphs
                                        report=reporter(status, progress),
-                                       space=(lambda need: check_space(out.parent, need, f"--out {out}"))
+                                       space=space_check if callable(space_check) else
+                                       (lambda need: check_space(out.parent, need, f"--out {out}"))
                                        if space_check else None)
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()

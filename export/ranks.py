@@ -53,10 +53,12 @@ def check_ranks(ranks, experts: int | None = None) -> int:
 
 
 def export_ranks(out: str | Path, ranks: int, *, transform, overwrite: bool = False, progress: bool | None = None,
-                 **export_kwargs) -> dict:
+                 space_check: bool = True, **export_kwargs) -> dict:
     """Export the rank template with `transform` (passes.shard_experts.rank_transform) and shard it into `ranks`
     artifacts under `out`; returns the ranks manifest. export_kwargs go to export_artifact (checkpoint / preset /
-    model, target, max_seq_len, ...)."""
+    model, target, max_seq_len, ...). space_check: before the template's weights, room for at least twice them
+    (the rank artifacts hold every expert once and the rest once per rank: never less than the template); before
+    cutting, room for exactly what the ranks take (ranks_disk_bytes)."""
     from .export import export_artifact
 
     check_ranks(ranks)
@@ -73,12 +75,17 @@ def export_ranks(out: str | Path, ranks: int, *, transform, overwrite: bool = Fa
     # named and owned like artifact.writing's temporaries: a SIGKILLed export's template goes at the next export
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.template.tmp-", dir=out.parent) as tmp:
         artifact.mark_owner(Path(tmp))
-        res = export_artifact(Path(tmp) / "template", transform=transform, progress=progress, **export_kwargs)
-        return shard(res.path, ranks, out, overwrite=overwrite, progress=progress)
+        def room(need: int) -> None:
+            check_space(out.parent, 2 * need, f"--out {out} ({ranks} ranks: the template, then the rank artifacts, "
+                        "at least as large)")
+
+        res = export_artifact(Path(tmp) / "template", transform=transform, progress=progress,
+                              space_check=room if space_check else False, **export_kwargs)
+        return shard(res.path, ranks, out, overwrite=overwrite, progress=progress, space_check=space_check)
 
 
 def shard(template: str | Path, ranks: int, out: str | Path, overwrite: bool = False,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, space_check: bool = True) -> dict:
     """Cut a rank template artifact into `ranks` rank artifacts under `out` (atomic); returns the ranks manifest."""
     template = Path(template)
     tman = artifact.load_manifest(template, verify=False)
@@ -88,7 +95,9 @@ def shard(template: str | Path, ranks: int, out: str | Path, overwrite: bool = F
     out = Path(out)
     check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_space(out.parent, ranks_disk_bytes(template, tman, ranks), f"--out {out} ({ranks} ranks)")
+    if space_check:
+        artifact.clean_stale(out.parent)  # a killed run's temporaries are not counted as taken
+        check_space(out.parent, ranks_disk_bytes(template, tman, ranks), f"--out {out} ({ranks} ranks)")
     rows = []
     with artifact.writing(out, overwrite) as tmp, artifact.stage_printer(progress) as stage:
         for r in range(ranks):
@@ -180,8 +189,10 @@ def _write_rank(template: Path, tman: dict, dest: Path, rank: int, ranks: int, o
             onnx.helper.set_model_props(m, meta)
             reduce_nodes[g] = sum(1 for n in m.graph.node if f"{n.domain}.{n.op_type}" == COLLECTIVE["op"])
             models[g] = m
-    finally:
-        wf.close()
+    except BaseException:
+        wf.abort()
+        raise
+    wf.close()
     for g, m in models.items():
         onnx.save(m, str(dest / tman["graphs"][g]["file"]))
     man = json.loads(json.dumps(tman))

@@ -15,6 +15,7 @@ pages would count as resident for as long as the mapping lives).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -101,15 +102,20 @@ class WeightsFile:
         with open(src, "rb", buffering=0) as f:
             fd, pos, end = f.fileno(), offset, offset + length
             while pos < end:
+                stop = None
                 try:
                     data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-                except OSError:  # ENXIO: nothing but a hole up to the end of the file
-                    data = end
+                except OSError as e:
+                    if e.errno != errno.ENXIO:  # no SEEK_DATA on this filesystem: every byte is data
+                        data, stop = pos, end
+                    else:  # nothing but a hole up to the end of the file
+                        data = end
                 if data > pos:
                     self._hole(data - pos)
                     pos = data
                     continue
-                stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                if stop is None:
+                    stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
                 while pos < stop:
                     want = min(stop - pos, COPY)
                     if stop - pos > want:

@@ -66,8 +66,9 @@ def _quiet():
 def no_cycle_gc():
     """Python's cyclic garbage collector paused while a trace and its graph copies run, one collection after.
     Tracing and cloning create ~10^5-10^6 objects; each automatic collection rescans the growing heap. Measured
-    (benchmarks/trace_depth.py's child, CPU including the final collection): Pro 61 layers 32.3 -> 27.5 s, Pro 8
-    layers 25.5 -> 23.4 s, Flash 2 layers 5.7 -> 5.5 s; peak RSS +0.06 GB (the cycles wait for the end)."""
+    (benchmarks/trace_depth.py, CPU including the final collection, docs/PERF.md): Pro 61 layers 33.1 -> 27.4 s,
+    Pro 8 layers 25.2 -> 23.2 s, Flash 2 layers 5.7 -> 5.2 s; peak RSS of the Pro 61 trace +0.06 GB (the cycles
+    wait for the end)."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -401,7 +401,7 @@ def allocated_bytes(path: Path, offset: int, length: int) -> int:
 
 def check_space(directory: Path, need: int, what: str) -> None:
     """Raise DiskSpaceError, naming `what`, the directory and both sizes, when `directory`'s filesystem has less
-    free than `need` bytes + RESERVE (checked before writing: a whole Flash export writes ~149 GB)."""
+    free than `need` bytes + RESERVE (checked before writing: a whole Flash export writes ~156 GB)."""
     free = shutil.disk_usage(directory).free
     if need + RESERVE > free:
         raise DiskSpaceError(f"{what}: needs {need / 1e9:.2f} GB of disk (+ {RESERVE / 1e9:.2f} GB kept free); "
@@ -418,11 +418,11 @@ def writing_dir(out: Path, overwrite: bool = False, what: str = "--out") -> Iter
     check_destination(out, overwrite, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
     try:
         yield tmp
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -431,6 +431,8 @@ def writing_dir(out: Path, overwrite: bool = False, what: str = "--out") -> Iter
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():  # the final rename failed: the old one back
+            os.rename(old, out)
         if isinstance(e, OSError) and e.errno in _FULL:
             raise DiskSpaceError(f"{what}: the filesystem of {out.parent} filled up while writing {out} "
                                  f"({e.strerror}); the partial write was removed, {out} is as it was") from e

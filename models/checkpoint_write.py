@@ -126,7 +126,8 @@ def encode_synthetic(spec: TensorSpec, seed: int, args: ModelArgs) -> Iterator[t
 
 
 def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size: str | int = "2GB",
-                    overwrite: bool = False, progress: bool | None = None, sparse: bool = False) -> Path:
+                    overwrite: bool = False, progress: bool | None = None, sparse: bool = False,
+                    space_check: bool = True) -> Path:
     """Write a synthetic checkpoint of `args` in the official format to `out` (atomically); returns the path.
 
     sparse: every tensor's data is zero and stored as a hole (the shards take no disk blocks): the layout, headers
@@ -138,7 +139,8 @@ def write_synthetic(args: ModelArgs, out: str | Path, seed: int = 0, shard_size:
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     with writing_dir(out, overwrite, "checkpoint make") as tmp:
         total = sum(e.nbytes for s in shards for e in s)
-        check_space(tmp, 0 if sparse else total, f"checkpoint make {out}")  # sparse: holes take no blocks
+        if space_check:  # sparse: holes take no blocks
+            check_space(out.parent, 0 if sparse else total, f"checkpoint make {out}")
         (tmp / CONFIG).write_text(json.dumps(args.to_hf_config(), indent=2) + "\n")
         with progress_bar(progress, f"writing {out.name}", total) as advance:
             for file, entries in zip(names, shards):

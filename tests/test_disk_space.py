@@ -1,4 +1,4 @@
-"""Disk space at real size (issue [9]): a whole Flash artifact is ~149 GB. Writers refuse, before writing, a
+"""Disk space at real size (issue [9]): a whole Flash artifact is ~156 GB. Writers refuse, before writing, a
 destination whose filesystem has no room (checkpoint_io.check_space: the plan's bytes on disk, holes of a sparse
 source excluded), and a disk that fills up while they write becomes one clear error with nothing left behind."""
 
@@ -65,7 +65,9 @@ def test_checkpoint_make_refuses_a_disk_without_room_and_writes_nothing(tmp_path
     assert main(["checkpoint", "make", "--preset", "tiny", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: checkpoint make {out}: needs {total / 1e9:.2f} GB of disk")
+    assert f"the filesystem of {tmp_path} has" in err  # the directory the user named, not a temporary
     assert _leftovers(tmp_path) == []
+    assert main(["checkpoint", "make", "--preset", "tiny", "--out", str(tmp_path / "forced"), "--no-space-check"]) == 0
     # a sparse checkpoint takes no data blocks: the same disk holds it
     assert main(["checkpoint", "make", "--preset", "tiny", "--sparse", "--out", str(out)]) == 0
     assert (out / "config.json").exists()
@@ -116,7 +118,7 @@ def test_the_weights_writer_asks_for_its_bytes_on_disk_before_writing(tiny_check
         src.close()
     assert asked["real"] == asked["real expect"]
     # the sparse shards' data is holes; a block shared with a shard's header may count (4 KiB per shard at most)
-    assert asked["sparse"] <= ALIGN * len(names) + 4096 * asked["sparse shards"]
+    assert ALIGN * len(names) <= asked["sparse"] <= ALIGN * len(names) + 4096 * asked["sparse shards"]
     _free(monkeypatch, RESERVE + asked["real"] - 1)
     src = CheckpointSource(tiny_checkpoint)
     with pytest.raises(DiskSpaceError, match=r"needs 0\.\d\d GB of disk"):
@@ -139,7 +141,15 @@ def test_a_full_disk_while_writing_weights_raises_and_closes(tiny_checkpoint, tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(self, view)
 
+    def no_flush(fd):  # a failed file is closed without truncate + fsync (another error would mask ENOSPC)
+        raise AssertionError("fsync of a failed weights file")
+
     monkeypatch.setattr(stream.WeightsFile, "_out", full)
+    monkeypatch.setattr(stream.os, "fsync", no_flush)
+    with pytest.raises(OSError) as e:  # outside a writing directory: the OSError itself
+        export_mod.bind_weights({"g": _graph_of(src, names)}, src, {}, {}, tmp_path / "plain.data")
+    assert e.value.errno == errno.ENOSPC
+    (tmp_path / "plain.data").unlink()
     out = tmp_path / "art"
     with pytest.raises(DiskSpaceError, match="filled up while writing"):
         with artifact.writing(out) as tmp:
@@ -159,3 +169,26 @@ def test_export_refuses_a_disk_without_room_before_writing_weights(tiny_checkpoi
     assert _leftovers(tmp_path) == []
     assert main([*cmd, "--no-space-check"]) == 0
     assert (out / "weights.data").stat().st_size > 1000
+
+
+def test_without_seek_data_every_byte_is_data(tmp_path, monkeypatch):
+    """A filesystem without SEEK_DATA (EINVAL): allocated_bytes counts the whole range and the writer copies it
+    (an error other than ENXIO is not a hole: that would turn weights into zeros)."""
+    from dsv4.export import stream
+
+    src = tmp_path / "src.bin"
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    src.write_bytes(payload)
+    real = os.lseek
+
+    def lseek(fd, pos, how):
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    assert allocated_bytes(src, 1000, 5000) == 5000
+    wf = stream.WeightsFile(tmp_path / "w.data")
+    wf.copy(src, 1000, 5000)
+    wf.close()
+    assert (tmp_path / "w.data").read_bytes() == payload[1000:6000]

@@ -273,3 +273,6 @@ def test_ranks_disk_bytes_bound_the_rank_artifacts_and_a_short_disk_is_refused(t
     with pytest.raises(checkpoint_io.DiskSpaceError, match=rf"--out {tmp_path / 'r'} \({n} ranks\): needs"):
         shard(tiny_template, n, tmp_path / "r", progress=False)
     assert list(tmp_path.iterdir()) == []
+    if n == 1:  # --no-space-check reaches shard: the same cut is written
+        shard(tiny_template, n, tmp_path / "r", progress=False, space_check=False)
+        assert (tmp_path / "r" / "rank0" / "weights.data").stat().st_size == weights

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="zero data stored as file holes (no disk blocks): real layout for memory/time measurements")
     m.add_argument("--out", required=True, help="checkpoint directory to create")
     m.add_argument("--force", action="store_true", help="replace an existing directory")
+    m.add_argument("--no-space-check", action="store_true",
+                   help="write even when --out's filesystem reports less free space than the shards need")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=run_make)
     v = cs.add_parser("verify", help="validate a checkpoint directory against its config.json (exit 1 on problems)")
@@ -43,7 +45,8 @@ def run_make(a: argparse.Namespace) -> int:
     con = Console()
     t0 = time.perf_counter()
     out = write_synthetic(args, a.out, seed=a.seed, shard_size=a.shard_size, overwrite=a.force,
-                          progress=False if a.no_progress else None, sparse=a.sparse)
+                          progress=False if a.no_progress else None, sparse=a.sparse,
+                          space_check=not a.no_space_check)
     files = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     con.print(f"wrote {out}: {len(files)} shard(s), {nbytes(size)}, preset {a.preset}, {args.n_layers} layer(s), "

@@ -24,14 +24,13 @@ def export(a: argparse.Namespace) -> int:
         raise ValueError(f"--ranks: expert-parallel artifacts are implemented for --target ort-cpu, not {a.target}")
     rank_sum = getattr(a, "rank_sum", "ordered")
     man = export_ranks(a.out, a.ranks, transform=functools.partial(rank_transform, rank_sum=rank_sum),
-                       overwrite=a.force,
+                       overwrite=a.force, space_check=not getattr(a, "no_space_check", False),
                        progress=None if not a.no_progress else False,
                        checkpoint=a.checkpoint, preset=a.preset, seed=a.seed, target=a.target, weights=a.weights,
                        experts=a.experts, layers=a.layers, max_seq_len=a.max_seq_len,
                        quant_sim=False if a.no_quant_sim else None,
                        quant_sims={f"{p}_quant_sim": False for p in ("act", "kv", "index") if getattr(a, f"no_{p}_sim")},
-                       batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths),
-                       space_check=not getattr(a, "no_space_check", False))
+                       batch=a.batch, prefill_lengths=parse_lengths(a.prefill_lengths))
     print_table(ranks_table(man, a.out))
     return 0
 
