@@ -192,3 +192,23 @@ def test_without_seek_data_every_byte_is_data(tmp_path, monkeypatch):
     wf.copy(src, 1000, 5000)
     wf.close()
     assert (tmp_path / "w.data").read_bytes() == payload[1000:6000]
+
+
+def test_a_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    """writing_dir moves an existing --out aside before renaming the new one in; if that rename fails (e.g. ENOSPC
+    on a filesystem that allocates directory blocks), the old output is renamed back: "as it was" holds."""
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    real = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):  # the new directory into place
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint_io.os, "rename", rename)
+    with pytest.raises(DiskSpaceError, match="is as it was"):
+        with writing_dir(out, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text("new")
+    assert _leftovers(tmp_path) == ["art"] and (out / "manifest.json").read_text() == "old"
