@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import onnx
 import onnx_ir as ir
 
-from dsv4.models.checkpoint_io import writing_dir
+from dsv4.models.files import writing_dir
 
 from . import custom_ops
 from .manifest_check import check_graphs, check_schema

@@ -28,18 +28,19 @@ import onnx_ir.passes.common
 import onnxscript
 import torch
 
-from dsv4.models.checkpoint_io import check_destination, check_space
 from dsv4.models.config import check_sims
+from dsv4.models.files import check_destination, check_space
 from dsv4.models.model import DeepseekV4
 
 from . import artifact, custom_ops
+from .experts import expert_mode, with_experts
 from .layers import trace_by_kind
 from .mtp import check as check_mtp
 from .mtp import trace_mtp
 from .signature import graph_key, growable
 from .static import finalize, static_shapes
 from .step import capacity_default, split_step
-from .stream import expert_mode, keep_bf16, reporter, with_experts, write_weights
+from .stream import keep_bf16, reporter, write_weights
 from .targets import Target, get_target
 from .tracing import no_cycle_gc
 from .weights import CheckpointSource, ModuleSource, skeleton
@@ -166,7 +167,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
 
     experts (ort-cpu, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's blocks), see
-    export/stream.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
+    export/experts.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
     all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
     real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]). mtp: also the MTP graph and the
     multi-token verify graph of speculative decoding (export/mtp.py). space_check: refuse, before writing any
@@ -265,15 +266,14 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
                     counts[graph] = transform(m, graph, tgt)
                 graphs[graph] = m
             seconds[f"fold {graph}"] = time.perf_counter() - t
+        space = space_check if callable(space_check) else \
+            (lambda need: check_space(out.parent, need, f"--out {out}")) if space_check else None
         with artifact.writing(out, overwrite) as tmp:
             t = time.perf_counter()
             with stage("weights") as status:
                 written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
                                        bf16=experts is not None and transform is not None,  # not raw graphs
-                                       report=reporter(status, progress),
-                                       space=space_check if callable(space_check) else
-                                       (lambda need: check_space(out.parent, need, f"--out {out}"))
-                                       if space_check else None)
+                                       report=reporter(status, progress), space=space)
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()
             with stage("save + check"):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dsv4.models.checkpoint_io import allocated_bytes, check_destination, check_space
+from dsv4.models.files import allocated_bytes, check_destination, check_space
 
 from . import artifact
 from .stream import ALIGN, WeightsFile

@@ -15,7 +15,6 @@ pages would count as resident for as long as the mapping lives).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import sys
@@ -29,8 +28,9 @@ import onnx_ir as ir
 import torch
 
 from dsv4.models import quant
-from dsv4.models.checkpoint_io import DTYPES, allocated_bytes
+from dsv4.models.checkpoint_io import DTYPES
 from dsv4.models.config import FP8_BLOCK
+from dsv4.models.files import allocated_bytes, data_runs
 
 ALIGN = 64  # byte alignment of every tensor in the weights file
 CHUNK = 64 << 20  # bytes of converted output per chunk
@@ -101,21 +101,9 @@ class WeightsFile:
             self._buf = memoryview(bytearray(COPY))
         with open(src, "rb", buffering=0) as f:
             fd, pos, end = f.fileno(), offset, offset + length
-            while pos < end:
-                stop = None
-                try:
-                    data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-                except OSError as e:
-                    if e.errno != errno.ENXIO:  # no SEEK_DATA on this filesystem: every byte is data
-                        data, stop = pos, end
-                    else:  # nothing but a hole up to the end of the file
-                        data = end
-                if data > pos:
-                    self._hole(data - pos)
-                    pos = data
-                    continue
-                if stop is None:
-                    stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            for data, stop in data_runs(fd, offset, length):
+                self._hole(data - pos)
+                pos = data
                 while pos < stop:
                     want = min(stop - pos, COPY)
                     if stop - pos > want:
@@ -128,6 +116,7 @@ class WeightsFile:
                     # slice, cold: 38 -> 14.5 s of system time, 190-202 -> 353-357 MB/s; docs/export.md)
                     os.posix_fadvise(fd, pos, n, os.POSIX_FADV_DONTNEED)
                     pos += n
+            self._hole(end - pos)
 
     def close(self) -> None:
         os.ftruncate(self._f.fileno(), self.offset)  # a trailing hole still counts
@@ -287,7 +276,7 @@ def write_weights(graphs: dict[str, ir.Model], source, buffers: dict[str, torch.
     """Write every initializer of the graphs once into `path` and point both graphs at it. Returns statistics:
     tensors, bytes written, bytes copied unchanged, seconds, the file's sha256, and the checkpoint bytes the written
     tensors come from (``source_bytes``: the rate the export is measured by). `space(need)`, before anything is
-    written: may refuse (checkpoint_io.check_space) the weights file's size on disk (disk_bytes)."""
+    written: may refuse (models/files.py check_space) the weights file's size on disk (disk_bytes)."""
     from .weights import resolve
 
     wanted: dict[str, ir.Value] = {}
@@ -370,36 +359,7 @@ def _real(t) -> bool:
     return not (isinstance(raw, torch.Tensor) and (raw.is_meta or type(raw).__name__ == "FakeTensor"))
 
 
-# ---- options -------------------------------------------------------------------------------------------------------
-EXPERT_MODES = ("packed", "int8")
-EXPERTS_KEY = "dsv4.experts"  # ir.Model.meta key read by passes/lower_ort.py (the same string as its EXPERTS_KEY)
-
-
-def expert_mode(target: str, weights: str, experts: str | None) -> str | None:
-    """``--experts``: how an ort-cpu artifact stores MXFP4 routed experts. "packed" (default): the checkpoint's
-    bytes, the selected experts dequantised in-graph; "int8": QMoE's lossless int8 blocks (1.5x the bytes). Other
-    targets and float weights: None (the question does not arise). Raises ValueError for a bad combination."""
-    if experts is None:
-        return "packed" if target == "ort-cpu" and weights == "packed" else None
-    if experts not in EXPERT_MODES:
-        raise ValueError(f"--experts: {experts!r} is not one of {', '.join(EXPERT_MODES)}")
-    if target != "ort-cpu" or weights != "packed":
-        raise ValueError(f"--experts: applies to ort-cpu with packed weights (got target {target}, weights {weights})")
-    return experts
-
-
-def with_experts(transform, experts: str | None):
-    """The export's transform with the expert storage stamped on each graph first (read by the ORT lowering)."""
-    if transform is None or experts is None:
-        return transform
-
-    def run(model, graph, target):
-        model.meta[EXPERTS_KEY] = experts
-        return transform(model, graph, target)
-
-    return run
-
-
+# ---- progress to the stage -------------------------------------------------------------------------------------
 def reporter(status, show: bool | None) -> Callable[[str], None]:
     """Progress text to the stage's spinner, and as lines on stderr when asked for (`show`) without a terminal."""
     lines = printer(show) if show and not sys.stderr.isatty() else None

@@ -27,13 +27,12 @@ from .checkpoint_io import (
     CONFIG,
     DTYPES,
     INDEX,
-    check_space,
     progress_bar,
     safetensors_header,
     write_shard,
-    writing_dir,
 )
 from .config import FP8_BLOCK, ModelArgs
+from .files import check_space, writing_dir
 from .synthetic import synthetic_chunks
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

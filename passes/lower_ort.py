@@ -34,8 +34,8 @@ import onnx_ir.passes.common
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from dsv4.export.experts import EXPERT_MODES, EXPERTS_KEY
 from dsv4.export.functions import DOMAIN, SOFTPLUS_THRESHOLD
-from dsv4.export.stream import EXPERT_MODES, EXPERTS_KEY
 from dsv4.models.config import FP4_BLOCK
 
 from . import _graph as g

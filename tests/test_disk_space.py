@@ -1,5 +1,5 @@
 """Disk space at real size (issue [9]): a whole Flash artifact is ~156 GB. Writers refuse, before writing, a
-destination whose filesystem has no room (checkpoint_io.check_space: the plan's bytes on disk, holes of a sparse
+destination whose filesystem has no room (models/files.py check_space: the plan's bytes on disk, holes of a sparse
 source excluded), and a disk that fills up while they write becomes one clear error with nothing left behind."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 from dsv4.export import export as export_mod
 from dsv4.export.stream import ALIGN
 from dsv4.export.weights import CheckpointSource
-from dsv4.models import checkpoint_io
-from dsv4.models.checkpoint_io import RESERVE, DiskSpaceError, allocated_bytes, check_space, writing_dir
+from dsv4.models import files
 from dsv4.models.checkpoint_write import official_entries, write_synthetic
 from dsv4.models.config import preset
+from dsv4.models.files import RESERVE, DiskSpaceError, allocated_bytes, check_space, writing_dir
 from dsv4.tools.cli import main
 
 MiB = 1 << 20
@@ -28,7 +28,7 @@ GRAPH_DTYPE = {"F8_E4M3": ir.DataType.FLOAT8E4M3FN, "I8": ir.DataType.INT8, "F8_
 
 def _free(monkeypatch, free: int) -> None:
     """The filesystem reports `free` bytes free (everywhere, for the test's duration)."""
-    monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda p: Usage(10 * free, 9 * free, free))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: Usage(10 * free, 9 * free, free))
 
 
 def _leftovers(d):
@@ -207,7 +207,7 @@ def test_a_failed_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(src, dst)
 
-    monkeypatch.setattr(checkpoint_io.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", rename)
     with pytest.raises(DiskSpaceError, match="is as it was"):
         with writing_dir(out, overwrite=True) as tmp:
             (tmp / "manifest.json").write_text("new")

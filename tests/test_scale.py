@@ -254,7 +254,7 @@ def test_ranks_disk_bytes_bound_the_rank_artifacts_and_a_short_disk_is_refused(t
 
     from dsv4.export import artifact
     from dsv4.export.ranks import ranks_disk_bytes
-    from dsv4.models import checkpoint_io
+    from dsv4.models import files
 
     tman = artifact.load_manifest(tiny_template, verify=False)
     need = ranks_disk_bytes(tiny_template, tman, n)
@@ -268,9 +268,9 @@ def test_ranks_disk_bytes_bound_the_rank_artifacts_and_a_short_disk_is_refused(t
     # weights: exact up to each tensor's alignment; graphs: the template's size at most (value_info is dropped)
     assert 0 <= need - template_graphs - weights <= n * ALIGN * tensors
     assert 0.5 * template_graphs <= rank_graphs <= template_graphs
-    free = checkpoint_io.RESERVE + need - 1
-    monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(free, 0, free))
-    with pytest.raises(checkpoint_io.DiskSpaceError, match=rf"--out {tmp_path / 'r'} \({n} ranks\): needs"):
+    free = files.RESERVE + need - 1
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(free, 0, free))
+    with pytest.raises(files.DiskSpaceError, match=rf"--out {tmp_path / 'r'} \({n} ranks\): needs"):
         shard(tiny_template, n, tmp_path / "r", progress=False)
     assert list(tmp_path.iterdir()) == []
     if n == 1:  # --no-space-check reaches shard: the same cut is written

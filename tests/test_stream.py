@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dsv4.export import layers, stream
+from dsv4.export.experts import expert_mode
 from dsv4.export.weights import CheckpointSource
 from dsv4.models.checkpoint import validate
 from dsv4.models.checkpoint_io import Checkpoint
@@ -75,14 +76,14 @@ def test_layers_slices_a_checkpoint(tiny_checkpoint):
 
 def test_expert_mode():
     """packed by default on ort-cpu; int8 on request; refused where it means nothing."""
-    assert stream.expert_mode("ort-cpu", "packed", None) == "packed"
-    assert stream.expert_mode("ort-cpu", "packed", "int8") == "int8"
-    assert stream.expert_mode("tvm-llvm", "packed", None) is None
-    assert stream.expert_mode("ort-cpu", "float32", None) is None
+    assert expert_mode("ort-cpu", "packed", None) == "packed"
+    assert expert_mode("ort-cpu", "packed", "int8") == "int8"
+    assert expert_mode("tvm-llvm", "packed", None) is None
+    assert expert_mode("ort-cpu", "float32", None) is None
     for target, weights, experts in (("ort-cpu", "packed", "fp4"), ("tvm-llvm", "packed", "int8"),
                                      ("ort-cpu", "float32", "packed")):
         with pytest.raises(ValueError, match="--experts"):
-            stream.expert_mode(target, weights, experts)
+            expert_mode(target, weights, experts)
 
 
 class _Src:

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsv4.models.checkpoint_io import DiskSpaceError
+    from dsv4.models.files import DiskSpaceError
 
     args = build_parser().parse_args(argv)
     try:
