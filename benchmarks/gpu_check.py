@@ -5,12 +5,15 @@ and 8, prefill tokens/s at 1K and 8K, and decode against the HBM roofline (activ
 bandwidth). Prints (and with --out, writes) the markdown section ``gpu_check`` of docs/PERF.md.
 
     python benchmarks/gpu_check.py [--dry-run] [--models tiny flash4] [--backends ort-cuda tvm-cuda] [--workdir W]
+    python benchmarks/gpu_check.py --models flash4 --backends ort-cuda ort-cuda-int8   # --experts, side by side
 
 Phases: plan (configs, active bytes) -> CPU (synthetic checkpoint, exports, lint, tvm-cuda compile to CUDA source
 and PTX; jobs in parallel processes) -> GPU (bandwidth, eager reference, per backend: parity and timings).
 ``--dry-run`` runs everything before the first GPU call and renders the section with the GPU cells empty.
 Everything under --workdir is reused when its configuration matches (a changed flag rebuilds only what it
-changes).
+changes). Backend ``ort-cuda-int8`` (not in the default set) is the ort-cuda export with ``--experts int8``: run next
+to ``ort-cuda`` (``--experts packed``, the default) it measures the two expert encodings' decode speed on the GPU,
+the measurement ``--experts``' default on ort-cuda waits for (docs/export.md "Real size").
 
 The Flash slice keeps every per-token dimension of the released Flash (dim 4096, 64 heads of 512, q/o ranks,
 window 128, index top-k 512, expert width 2048, 6 routed + 1 shared expert per token, vocab 129,280) and its first
@@ -39,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import step_times, timed, update_section  # noqa: E402
 from gpu_report import TAG, TITLE, active_bytes, gpu_name, render  # noqa: E402,F401 - TITLE: tests read it here
 
-BACKENDS = ("ort-cuda", "tvm-cuda")
+BACKENDS = ("ort-cuda", "tvm-cuda")  # the default set
+# backend -> (target, --experts): what `dsv4 export` each backend's artifact is
+EXPORTS = {"ort-cuda": ("ort-cuda", None), "ort-cuda-int8": ("ort-cuda", "int8"), "tvm-cuda": ("tvm-cuda", None)}
 MODELS = ("tiny", "flash4")
 
 
@@ -82,13 +87,17 @@ def model_args(name: str, a):
 
 
 # ---- CPU phase: checkpoint, exports, lint, compile ---------------------------------------------------------------
-def _matches(art: Path, target: str, args) -> bool:
+def _matches(art: Path, backend: str, args) -> bool:
+    from dsv4.export.experts import expert_mode
+
     try:
         man = json.loads((art / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
     cfg = man.get("config", {})
+    target, experts = EXPORTS[backend]
     return (man.get("target") == target and man.get("weights") == "packed" and cfg.get("quant_sim") is True
+            and man.get("experts") == expert_mode(target, "packed", experts)
             and cfg.get("max_seq_len") == args.max_seq_len and cfg.get("dim") == args.dim
             and cfg.get("n_layers") == args.n_layers and cfg.get("n_routed_experts") == args.n_routed_experts)
 
@@ -107,14 +116,16 @@ def checkpoint_job(args, ckpt: str) -> float:
     return time.perf_counter() - t
 
 
-def export_job(ckpt: str, art: str, target: str, max_seq_len: int) -> float:
-    """One `dsv4 export CKPT --target T --max-seq-len N` (a worker process; the default configuration)."""
+def export_job(ckpt: str, art: str, backend: str, max_seq_len: int) -> float:
+    """One `dsv4 export CKPT --target T [--experts E] --max-seq-len N` (a worker process; otherwise the default
+    configuration)."""
     from dsv4.export.export import export_artifact
     from dsv4.passes.pipeline import run
 
+    target, experts = EXPORTS[backend]
     t = time.perf_counter()
-    export_artifact(art, checkpoint=ckpt, target=target, max_seq_len=max_seq_len, overwrite=True, progress=False,
-                    transform=lambda model, graph, tgt: run(model, tgt.name))
+    export_artifact(art, checkpoint=ckpt, target=target, experts=experts, max_seq_len=max_seq_len, overwrite=True,
+                    progress=False, transform=lambda model, graph, tgt: run(model, tgt.name))
     return time.perf_counter() - t
 
 
@@ -142,9 +153,10 @@ def lint(plan: Plan, backend: str) -> list[str]:
     """`dsv4 lint` of the artifact against its target's profile (passes/lint.py), when the target has one."""
     from dsv4.passes.lint import PROFILES, lint_artifact
 
-    if backend not in PROFILES:
+    target = EXPORTS[backend][0]
+    if target not in PROFILES:
         return []
-    return [v.line() for v in lint_artifact(plan.art(backend), target=backend).violations]
+    return [v.line() for v in lint_artifact(plan.art(backend), target=target).violations]
 
 
 def _then(pool, before: Future, fn, *args) -> Future:
@@ -240,7 +252,7 @@ def eager_on_gpu(plan: Plan):
 
 
 def generator(plan: Plan, backend: str):
-    if backend == "ort-cuda":
+    if EXPORTS[backend][0] == "ort-cuda":
         from dsv4.runtimes.ort import Generator
 
         return Generator(plan.art(backend), providers=["CUDAExecutionProvider"], verify=False)
@@ -249,7 +261,7 @@ def generator(plan: Plan, backend: str):
     return Generator(plan.art(backend), compiled=plan.lib, target="tvm-cuda", verify=False)
 
 
-def time_backend(gen, a, args, bw: float) -> dict:
+def time_backend(gen, a, args, bw: float, experts: str | None = None) -> dict:
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
     for n in a.prefill:
@@ -259,7 +271,7 @@ def time_backend(gen, a, args, bw: float) -> dict:
         gen.prefill(rng.integers(0, args.vocab_size, (b, a.decode_context), dtype=np.int64))
         tok = np.ones((b, 1), dtype=np.int64)
         ms = statistics.median(step_times(lambda tok=tok: gen.step(tok), a.decode_steps)[1:]) * 1e3
-        roof = active_bytes(args, b, a.decode_context)["total"] / bw * 1e3
+        roof = active_bytes(args, b, a.decode_context, experts)["total"] / bw * 1e3
         out[f"decode step, batch {b} (ms)"] = ms
         out[f"decode, batch {b} (tokens/s)"] = b / ms * 1e3
         out[f"decode batch {b}: roofline ms / measured ms"] = roof / ms
@@ -286,7 +298,7 @@ def gpu_model(p: Plan, backends: list[str], a, bw: float, results: dict, notes: 
         gen = generator(p, b)
         rep = run_parity(p.art(b), reference=ref, generator=gen, backend="ort" if b.startswith("ort") else "tvm",
                          verify=False)
-        r = time_backend(gen, a, p.args, bw)
+        r = time_backend(gen, a, p.args, bw, EXPORTS[b][1])
         lg = next(x for x in rep.rows if x.name == "prefill.logits")
         r |= {"parity vs eager": "pass" if rep.ok else "FAIL", "max |Δ| prefill logits": lg.max_abs,
               "greedy vs eager": f"{rep.greedy_agree}/{rep.greedy_steps}"}
@@ -306,7 +318,7 @@ def environment(backends: list[str], dry_run: bool) -> list[str]:
         f"onnxruntime {ort.__version__} {ort.get_available_providers()}, tvm {tvm.__version__}, "
         f"nvcc {shutil.which('nvcc') or 'absent'}")
     missing = []
-    if "ort-cuda" in backends and "CUDAExecutionProvider" not in ort.get_available_providers():
+    if any(EXPORTS[b][0] == "ort-cuda" for b in backends) and "CUDAExecutionProvider" not in ort.get_available_providers():
         missing.append("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu==1.32.0)")
     if "tvm-cuda" in backends and not shutil.which("nvcc") and os.environ.get("TVM_CUDA_COMPILE_MODE") == "nvcc":
         missing.append("TVM_CUDA_COMPILE_MODE=nvcc but no nvcc on the PATH")
@@ -317,7 +329,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="stop before the first GPU call")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(EXPORTS))
     p.add_argument("--workdir", default="out/gpu_check/work", help="checkpoints, artifacts and libraries (reused)")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--max-seq-len", type=int, help="state capacity of the exports (default: what the runs need)")

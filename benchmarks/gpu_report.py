@@ -8,11 +8,12 @@ import time
 TAG, TITLE = "gpu_check", "## ONNX Runtime CUDA and TVM CUDA on a GPU (`tools/gpu_check.sh`, issue [7])"
 
 
-def active_bytes(args, batch: int, context: int) -> dict[str, float]:
+def active_bytes(args, batch: int, context: int, experts: str | None = None) -> dict[str, float]:
     """Bytes one decode step reads at `batch` sequences of `context` tokens, in the stored formats: every weight
     except the embedding (one row per sequence) and the MTP block; of the routed experts, the expected number of
     distinct ones the batch selects per layer under uniform routing (E·(1-(1-k/E)^batch)); the fp32 decode state up
-    to `context` (window ring, compressed KV and indexer keys)."""
+    to `context` (window ring, compressed KV and indexer keys). experts="int8" (``--experts int8``): MXFP4 stacks
+    as int8 codes (2x the packed bytes) with fp32 scales (4x the E8M0 bytes)."""
     import torch
 
     from dsv4.models.checkpoint_write import official_entries
@@ -27,7 +28,9 @@ def active_bytes(args, batch: int, context: int) -> dict[str, float]:
         if e.name == "embed.weight":
             weights += batch * e.nbytes / e.shape[0]
         elif ".ffn.experts." in e.name:
-            weights += e.nbytes * touched / E
+            mxfp4 = e.spec.official_dtype == "I8"  # the packed e2m1 codes and their E8M0 scales; FP8 experts stay
+            grow = (4 if e.dtype == "F8_E8M0" else 2) if experts == "int8" and mxfp4 else 1
+            weights += e.nbytes * touched / E * grow
         else:
             weights += e.nbytes
     per = bytes_per_token(args, torch.float32)  # per-token entries amortised over the capacity; the ring is fixed

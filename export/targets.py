@@ -13,6 +13,9 @@ from dataclasses import dataclass
 # the model in that dtype. float64 is for exactness tests. No bfloat16: ai.onnx Einsum (the grouped output
 # projection, the mHC mix) has no bfloat16 type up to opset 26, so a bf16 graph fails onnx.checker.
 WEIGHT_MODES = ("packed", "float32", "float16", "float64")
+# --experts (ORT targets, packed weights): "packed" keeps the checkpoint's MXFP4 bytes (the selected experts
+# dequantised in-graph), "int8" QMoE's lossless int8 blocks (2x the expert bytes). docs/export.md "Real size".
+EXPERT_MODES = ("packed", "int8")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Target:
     cpu_fallback: bool = False  # accelerator EPs that this onnxruntime build lacks are dropped (parity on CPU)
     compact_state: bool = True  # FP8/MXFP4 codes in the decode state where simulated (docs/state_layout.md)
     growable_state: bool = False  # cache rows symbolic + prefill `capacity` input (docs/capacity.md)
+    experts: tuple[str, ...] = ()  # --experts with packed weights: how MXFP4 expert stacks are stored, the first the
+    # default (export/experts.py); empty where the lowering has one form only (TVM: its own bodies; ascend: float)
 
     @property
     def graph_opset(self) -> int:
@@ -41,10 +46,12 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ort", 23, ("CPUExecutionProvider",), WEIGHT_MODES, True,
-           "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)", growable_state=True),
+           "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)", growable_state=True,
+           experts=EXPERT_MODES),
     Target("ort-cuda", "ort", 23, ("CUDAExecutionProvider", "CPUExecutionProvider"), WEIGHT_MODES, True,
            "ONNX Runtime CUDA EP (onnxruntime-gpu, extra 'cuda'); MoE -> com.microsoft.MoE, packed weights -> "
-           "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined", growable_state=True),
+           "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined", growable_state=True,
+           experts=EXPERT_MODES),
     Target("tvm-llvm", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, llvm"),
     Target("tvm-cuda", "tvm", 23, (), WEIGHT_MODES, True, "Apache TVM Relax, CUDA code generation"),
     # docs/ascend.md: opset 17 (the ceiling under CANN's 18), one opset import, every dsv4 op inlined to

@@ -126,15 +126,17 @@ def tiny_tvm_llvm(tiny_artifact_tvm, tmp_path_factory):
     return out
 
 
-def fuse_artifact(src, dst, target: str = "ort-cpu") -> dict:
+def fuse_artifact(src, dst, target: str = "ort-cpu", experts: str | None = None) -> dict:
     """A copy of a raw artifact with the target's pipeline applied to both graphs (what export with passes writes,
     except that the derived weights are stored inside the .onnx files; raw graphs do not depend on the target); the
-    manifest follows the new files and names the target."""
+    manifest follows the new files and names the target. experts: ``--experts`` stamped on the graphs as the export
+    does (None: the lowering's own default for unstamped graphs, int8)."""
     import shutil
 
     import onnx_ir as ir
 
     from dsv4.export import artifact, custom_ops
+    from dsv4.export.experts import EXPERTS_KEY
     from dsv4.export.signature import GRAPHS
     from dsv4.passes import pipeline
 
@@ -144,12 +146,16 @@ def fuse_artifact(src, dst, target: str = "ort-cpu") -> dict:
     for g in GRAPHS:
         path = dst / f"{g}.onnx"
         model = ir.load(path)
+        if experts is not None:
+            model.meta[EXPERTS_KEY] = experts
         counts[g] = pipeline.run(model, target)
         ir.save(model, path)
         man["graphs"][g] |= {"nodes": sum(1 for _ in model.graph), "pass_counts": counts[g],
                              "dsv4_nodes": dict(custom_ops.dsv4_nodes(model))}
         man["files"][path.name] = {"bytes": path.stat().st_size, "sha256": artifact.sha256(path)}
     man["target"] = target
+    if experts is not None:
+        man["experts"] = experts
     artifact.write_manifest(dst, man)
     return counts
 
@@ -175,14 +181,15 @@ def tiny_packed_reference(tiny_artifact, tiny_eager_packed):
 
 
 # ---- ort-cuda (passes/lint.py, tests/test_lint.py, tests/test_lower_cuda.py): the CUDA pipeline on the raw exports ----
-def cuda_artifact(src, dst) -> dict:
-    """fuse_artifact with the ort-cuda pipeline (what an ort-cuda export writes)."""
-    return fuse_artifact(src, dst, "ort-cuda")
+def cuda_artifact(src, dst, experts: str | None = "packed") -> dict:
+    """fuse_artifact with the ort-cuda pipeline (what an ort-cuda export writes: --experts packed by default)."""
+    return fuse_artifact(src, dst, "ort-cuda", experts)
 
 
 @pytest.fixture(scope="session")
 def tiny_artifact_cuda(tiny_artifact, tmp_path_factory):
-    """tiny_artifact (packed FP8/MXFP4, quant_sim on) through the ort-cuda pipeline."""
+    """tiny_artifact (packed FP8/MXFP4, quant_sim on) through the ort-cuda pipeline, as `dsv4 export --target
+    ort-cuda` writes it: the MXFP4 expert stacks stay packed (--experts packed, the default)."""
     dst = tmp_path_factory.mktemp("cuda") / "packed"
     cuda_artifact(tiny_artifact, dst)
     return dst
@@ -192,7 +199,7 @@ def tiny_artifact_cuda(tiny_artifact, tmp_path_factory):
 def tiny_artifact_f32_cuda(tiny_artifact_f32, tmp_path_factory):
     """tiny_artifact_f32 (float32 weights, quant_sim off) through the ort-cuda pipeline: com.microsoft.MoE."""
     dst = tmp_path_factory.mktemp("cuda") / "f32"
-    cuda_artifact(tiny_artifact_f32, dst)
+    cuda_artifact(tiny_artifact_f32, dst, experts=None)  # float weights: --experts does not arise
     return dst
 
 

@@ -75,13 +75,15 @@ def test_layers_slices_a_checkpoint(tiny_checkpoint):
 
 
 def test_expert_mode():
-    """packed by default on ort-cpu; int8 on request; refused where it means nothing."""
-    assert expert_mode("ort-cpu", "packed", None) == "packed"
-    assert expert_mode("ort-cpu", "packed", "int8") == "int8"
+    """packed by default on the ORT targets (ort-cpu, ort-cuda); int8 on request; refused where it means nothing."""
+    for target in ("ort-cpu", "ort-cuda"):
+        assert expert_mode(target, "packed", None) == "packed"
+        assert expert_mode(target, "packed", "int8") == "int8"
     assert expert_mode("tvm-llvm", "packed", None) is None
     assert expert_mode("ort-cpu", "float32", None) is None
     for target, weights, experts in (("ort-cpu", "packed", "fp4"), ("tvm-llvm", "packed", "int8"),
-                                     ("ort-cpu", "float32", "packed")):
+                                     ("tvm-cuda", "packed", "packed"), ("ascend", "float16", "int8"),
+                                     ("ort-cuda", "float32", "int8"), ("ort-cpu", "float32", "packed")):
         with pytest.raises(ValueError, match="--experts"):
             expert_mode(target, weights, experts)
 

@@ -8,7 +8,7 @@ from dsv4.fmt import nbytes, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dsv4.export.targets import TARGETS, WEIGHT_MODES
+    from dsv4.export.targets import EXPERT_MODES, TARGETS, WEIGHT_MODES
 
     p = sub.add_parser("export", help="export prefill.onnx + decode.onnx + weights + manifest for a target")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (official format); or use --preset")
@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-lengths", default=None,
                    help="static targets (ascend): prefill buckets, e.g. 128,1024,4096: one prefill graph per length; "
                         "prompts are right-padded up to the next (default 128,1024 up to --max-seq-len)")
-    p.add_argument("--experts", choices=("packed", "int8"), default=None,
-                   help="ort-cpu, packed weights: MXFP4 routed experts as the checkpoint's bytes (packed, default) or "
-                        "as QMoE's int8 blocks (int8: 1.5x the bytes; docs/PERF.md compares decode speed)")
+    p.add_argument("--experts", choices=EXPERT_MODES, default=None,
+                   help="ort-cpu / ort-cuda, packed weights: MXFP4 routed experts as the checkpoint's bytes (packed, "
+                        "default) or as int8 blocks (2x the experts' bytes; docs/PERF.md compares decode speed)")
     p.add_argument("--layers", type=int, default=None, help="export only the first N decoder layers (+ head and MTP)")
     p.add_argument("--no-quant-sim", action="store_true", help="export without the reference's quantisation simulations")
     for part, what in (("act", "FP8 activation rounding in front of FP8/FP4-stored linears"),
