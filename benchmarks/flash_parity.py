@@ -12,10 +12,13 @@ memory: the eager side and the artifact side never share a process.
   the graph dequantises the checkpoint's MXFP4/FP8 bytes exactly in fp32, as the eager model does; the whole slice.
 * ``float32``: ``--weights float32 --no-quant-sim``, judged strictly (TOLERANCES[("float32", False)]). A float32
   Flash layer is ~26 GB of dequantised routed experts: ``--float-layers`` (default 1) slices the same checkpoint.
+* ``cuda-packed``: ``--target ort-cuda`` with its defaults (packed, --experts packed, the simulation on), run by ORT's
+  CPU EP (every op of the ort-cuda graphs has a CPU kernel; the CUDA kernels need tools/gpu_check.sh), judged as
+  ``packed``; the eager side is the same as packed's (copy packed/twin.npz and reference.pkl to skip rerunning it).
 
 Per mode, each a child process measured by ``_common.measure`` (peak RSS = ru_maxrss of that child):
 
-1. ``dsv4 export CK --target ort-cpu --max-seq-len M`` (skipped when the artifact is there);
+1. ``dsv4 export CK --target ort-cpu --max-seq-len M`` (cuda-packed: ort-cuda; skipped when the artifact is there);
 2. calibrated mode only, ``twin``: the eager model made float64 in place (what ``fp64_twin`` computes, without the
    deep copy that would hold both models: ~9 GB each at Flash dims) runs the prompt and the decode steps; its logits
    are saved;
@@ -24,7 +27,7 @@ Per mode, each a child process measured by ``_common.measure`` (peak RSS = ru_ma
    is pickled. In float32 mode the eager model keeps its MXFP4/FP8 weights packed and dequantises them on the fly
    (exactly the values of the float32 export's dequantised weights: an E2M1 code x an E8M0 scale is exact in fp32);
    the float model would hold 26 GB per layer;
-4. ``artifact``: ``run_parity(ART, reference=...)`` on ORT CPU; the report (rows, agreement, times) is saved.
+4. ``artifact``: ``run_parity(ART, reference=..., providers=["CPUExecutionProvider"])``; the report (rows, agreement, times) is saved.
 
 ``--mutant NAME`` (norm, kv_norm, sinkhorn; repeatable): after a mode's verdict, that edit of its artifact
 (tests/mutants.py ``make_linked``: graph files copied and edited, the weights file hard-linked, seconds and no disk)
@@ -49,7 +52,8 @@ from flash_parity_report import load_results, report, save_results, say
 
 HERE = Path(__file__).resolve()
 CLI = [sys.executable, "-m", "dsv4.tools.cli"]
-MODES = {"packed": [], "nosim": ["--no-quant-sim"], "float32": ["--weights", "float32", "--no-quant-sim"]}
+MODES = {"packed": [], "nosim": ["--no-quant-sim"], "float32": ["--weights", "float32", "--no-quant-sim"],
+         "cuda-packed": ["--target", "ort-cuda"]}  # the ort-cuda default (--experts packed), run by the CPU EP
 
 
 def log_to(path: str | None) -> None:
@@ -204,7 +208,8 @@ def child_artifact(a) -> None:
         rss_guard(a.rss_limit_gb)
     with open(a.reference, "rb") as f:
         ref = pickle.load(f)
-    rep = run_parity(a.art, reference=ref, threads=a.threads, verify=False, progress=True)
+    rep = run_parity(a.art, reference=ref, threads=a.threads, verify=False, progress=True,
+                     providers=["CPUExecutionProvider"])  # an ort-cuda artifact too: its ops have CPU kernels
     out = asdict(rep) | {"ok": rep.ok, "greedy": rep.greedy, "agreement_failures": rep.agreement_failures(),
                          "lines": plain_lines(rep)}
     Path(a.result).write_text(json.dumps(out, indent=1, default=float))
@@ -266,8 +271,8 @@ def run(a) -> None:
                   "layers": layers, "max_seq_len": a.max_seq_len})
         if not (art / "manifest.json").exists():
             launch(a, res, work, mode, "export", [
-                *CLI, "export", ck, "--target", "ort-cpu", "--out", str(art), "--max-seq-len", str(a.max_seq_len),
-                "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])])
+                *CLI, "export", ck, *(["--target", "ort-cpu"] if "--target" not in MODES[mode] else []), "--out", str(art),
+                "--max-seq-len", str(a.max_seq_len), "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])])
         r["artifact_bytes"] = dir_bytes(art)
         man = json.loads((art / "manifest.json").read_text())
         r["weights"] = man["weights"]

@@ -1,4 +1,5 @@
-"""Expert-chunked NarrowMoE in prefill graphs (ort-cpu): memory bounded whatever the number of selected experts.
+"""Expert-chunked NarrowMoE in prefill graphs (ort-cpu, ort-cuda): memory bounded whatever the number of selected
+experts.
 
 NarrowMoE (passes/lower_ort.py) dequantises at once every expert some token selected and runs the MoEExperts body
 over all U of them: at Flash dims ~100 MB of fp32 weights per expert (plus the body's transposed copies), and a

@@ -11,7 +11,8 @@ result is the body's exactly: same ops, same per-row reductions, same order.
 
 Only ort-cpu uses them (select_ops swaps them in right before inlining): TVM's importer has no Loop (TVM lowers
 SparseAttn itself and inlines IndexerTopK's Loop-free body), CANN's parser unrolls only constant-count loops, and
-ort-cuda is not measured with them yet (its graphs keep the plain bodies). Raw ``--no-passes`` graphs keep the
+ort-cuda's graphs keep the plain bodies: the wrappers Pad int64 positions, which the CUDA kernel table's Pad does
+not take (`dsv4 lint`: 4 violations on tiny), and nothing measured them there yet. Raw ``--no-passes`` graphs keep the
 plain bodies too. Measured on small, 8K prompt, 16,640 capacity: peak RSS 12.1 -> 3.6 GB (docs/PERF.md).
 """
 

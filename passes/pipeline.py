@@ -36,9 +36,11 @@ PIPELINES: dict[str, Pipeline] = {
     # What the CUDA EP's kernel table (passes/rules/ort_cuda_kernels.tsv) covers exactly, docs/ort_cuda.md: float MoE
     # (MXFP4 experts through DequantizeLinear: the table's QMoE takes no float32 activations), NarrowMoE, FP8/MXFP4
     # weights -> DequantizeLinear, and weighted RMSNorms -> SimplifiedLayerNormalization (after the bodies are inlined).
-    # `dsv4 lint` checks the result against the same table.
+    # Prefill: NarrowMoE's experts one per Loop trip as on ort-cpu (at Flash dims the dense form dequantises every
+    # selected expert at once, ~100 MB of fp32 each: 20+ GB per layer for a 64-token prompt). `dsv4 lint` checks the
+    # result against the same table.
     "ort-cuda": (*_common("ort-cuda", (("lower_cuda", LowerOrtPass("lower_cuda", qmoe=False)),)),
-                 ("fuse_norm", FuseNormPass())),
+                 ("hoist_experts", HoistInvariants()), ("fuse_norm", FuseNormPass())),
     # TVM keeps the ops its lowerings.py implements (registry tvm faces) and inlines the others, MoE included.
     "tvm-llvm": _common("tvm-llvm"),
     "tvm-cuda": _common("tvm-cuda"),

@@ -14,7 +14,7 @@ from dsv4.runtimes.parity import run_parity
 
 def test_the_pipeline_lowers_with_the_cuda_table_in_mind():
     names = [n for n, _ in PIPELINES["ort-cuda"]]
-    assert names == ["cleanup", "fuse_moe", "lower_cuda", "select_ops", "cleanup.2", "fuse_norm"]
+    assert names == ["cleanup", "fuse_moe", "lower_cuda", "select_ops", "cleanup.2", "hoist_experts", "fuse_norm"]
     assert PIPELINES["ort-cuda"][2][1].qmoe is False  # the table's QMoE has no float32 activations
 
 
@@ -84,3 +84,38 @@ def test_fused_rmsnorm_passes_the_full_checker_and_matches_the_formula(tmp_path)
     x64 = x.astype(np.float64)
     ref = w * (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_tiny_packed_cuda_graph_keeps_the_experts_packed_and_matches_eager_on_the_cpu_ep(
+        tiny_artifact, tiny_artifact_cuda, tiny_packed_reference, tmp_path):
+    """An ort-cuda export's default (--experts packed, packed FP8/MXFP4, quant_sim on): the MXFP4 expert stacks stay
+    the checkpoint's bytes and the selected experts are dequantised by the Mxfp4Dequant body (no int8 re-encoding),
+    in prefill one expert per Loop trip;
+    on the CPU EP it passes the calibrated parity against the same eager reference as the ort-cpu default. The int8
+    variant of the same graphs stores >= 2x the stacks' bytes again (docs/export.md "Real size")."""
+    from conftest import cuda_artifact
+
+    from dsv4.export.artifact import load_manifest
+
+    man = load_manifest(tiny_artifact_cuda, verify=False)
+    assert man["experts"] == "packed" and man["target"] == "ort-cuda"
+    for g in GRAPHS:
+        counts = man["graphs"][g]["pass_counts"]
+        assert counts["select_ops"].get("inlined Mxfp4Dequant", 0) > 0, counts["select_ops"]
+        # prefill: one routed expert per Loop trip (bounded memory at real size: docs/ort_cuda.md); decode: dense
+        assert counts["select_ops"].get("expert-chunked MoE", 0) == (4 if g == "prefill" else 0), counts["select_ops"]
+        model = ir.load(tiny_artifact_cuda / f"{g}.onnx")
+        assert not [n.name for n in model.graph if n.op_type == "DequantizeLinear"  # the int8 re-encoding's form
+                    and n.inputs[0].dtype in (ir.DataType.UINT8, ir.DataType.INT8)]
+    int8 = tmp_path / "int8"
+    cuda_artifact(tiny_artifact, int8, experts="int8")
+    raw = ir.load(tiny_artifact / "decode.onnx")
+    stacks = sum(v.const_value.nbytes for v in raw.graph.initializers.values()
+                 if ".ffn.experts.w" in v.name and v.name.endswith(".weight") and v.dtype == ir.DataType.UINT8
+                 and v.shape.rank() == 3)  # the routed experts' MXFP4 stacks [E, O, I/2]
+    assert stacks > 0
+    grew = (int8 / "decode.onnx").stat().st_size - (tiny_artifact_cuda / "decode.onnx").stat().st_size
+    assert grew >= 2 * stacks, (grew, stacks)
+    rep = run_parity(tiny_artifact_cuda, reference=tiny_packed_reference, providers=["CPUExecutionProvider"])
+    assert tuple(rep.tolerance_key) == ("float32", True)
+    assert rep.ok, [r for r in rep.rows if not r.ok]
