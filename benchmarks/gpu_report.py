@@ -13,7 +13,8 @@ def active_bytes(args, batch: int, context: int, experts: str | None = None) -> 
     except the embedding (one row per sequence) and the MTP block; of the routed experts, the expected number of
     distinct ones the batch selects per layer under uniform routing (E·(1-(1-k/E)^batch)); the fp32 decode state up
     to `context` (window ring, compressed KV and indexer keys). experts="int8" (``--experts int8``): MXFP4 stacks
-    as int8 codes (2x the packed bytes) with fp32 scales (4x the E8M0 bytes)."""
+    as int8 codes (2x the packed bytes) with an fp32 scale and a uint8 zero point per block (5x the E8M0 bytes;
+    passes/ort_weights.py mxfp4_dequantize_linear)."""
     import torch
 
     from dsv4.models.checkpoint_write import official_entries
@@ -29,7 +30,7 @@ def active_bytes(args, batch: int, context: int, experts: str | None = None) -> 
             weights += batch * e.nbytes / e.shape[0]
         elif ".ffn.experts." in e.name:
             mxfp4 = e.spec.official_dtype == "I8"  # the packed e2m1 codes and their E8M0 scales; FP8 experts stay
-            grow = (4 if e.dtype == "F8_E8M0" else 2) if experts == "int8" and mxfp4 else 1
+            grow = (5 if e.dtype == "F8_E8M0" else 2) if experts == "int8" and mxfp4 else 1
             weights += e.nbytes * touched / E * grow
         else:
             weights += e.nbytes
@@ -52,7 +53,8 @@ def render(plans: list, backends: list[str], a, results: dict, notes: dict, secs
                      f"max_seq_len {x.max_seq_len}; " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.get(p.name, {}).items())
                      + (f"; {notes[p.name + ' eager']}" if f"{p.name} eager" in notes else ""))
     lines += ["", "Active bytes per decode step (stored formats, context "
-              f"{a.decode_context}):", "", "| model | batch | weights (MB) | state (MB) | experts read per layer |",
+              f"{a.decode_context}" + ("; ort-cuda-int8's roofline counts its int8 experts instead"
+                                       if "ort-cuda-int8" in backends else "") + "):", "", "| model | batch | weights (MB) | state (MB) | experts read per layer |",
               "|---|---:|---:|---:|---:|"]
     for p in plans:
         for b in a.batches:

@@ -166,8 +166,8 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
     ``dsv4.passes.pipeline.run``, runs on each graph after the bodies are attached; its counts land in the
     manifest. Raises ValueError for bad arguments; nothing is left under `out` on failure.
 
-    experts (ort-cpu, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's blocks), see
-    export/experts.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
+    experts (ort-cpu and ort-cuda, packed): "packed" (default; the checkpoint's MXFP4 bytes) or "int8" (QMoE's
+    blocks), see export/experts.py. layers: export the first N decoder layers (+ head and MTP) of a checkpoint or preset.
     all_logits: prefill graphs return the logits of every position (parity, scoring), else only of each row's last
     real token (default: a long prompt's logits are [B, 1, V], not [B, T, V]). mtp: also the MTP graph and the
     multi-token verify graph of speculative decoding (export/mtp.py). space_check: refuse, before writing any
@@ -272,7 +272,7 @@ def export_artifact(out: str | Path, *, checkpoint: str | Path | None = None, mo
             t = time.perf_counter()
             with stage("weights") as status:
                 written = bind_weights(graphs, src, buffers, stacks, tmp / WEIGHTS_FILE,
-                                       bf16=experts is not None and transform is not None,  # not raw graphs
+                                       bf16=tgt.bf16_initializers and weights == "packed" and transform is not None,  # not raw graphs
                                        report=reporter(status, progress), space=space)
             seconds["weights"] = time.perf_counter() - t
             t = time.perf_counter()

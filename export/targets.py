@@ -33,6 +33,10 @@ class Target:
     growable_state: bool = False  # cache rows symbolic + prefill `capacity` input (docs/capacity.md)
     experts: tuple[str, ...] = ()  # --experts with packed weights: how MXFP4 expert stacks are stored, the first the
     # default (export/experts.py); empty where the lowering has one form only (TVM: its own bodies; ascend: float)
+    bf16_initializers: bool = False  # packed weights through the passes: BF16 checkpoint tensors (embedding, head)
+    # stay BF16 + one Cast per call (export/stream.py keep_bf16): half their bytes for a cast of ~2 GB per call at
+    # Flash size. ort-cpu only: on a GPU, whose decode step is bound by the bytes it moves, the cast would read
+    # 1.06 GB and write 2.1 GB per step to save 2.1 GB of disk per tensor (docs/export.md "Real size").
 
     @property
     def graph_opset(self) -> int:
@@ -47,7 +51,7 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ort-cpu", "ort", 23, ("CPUExecutionProvider",), WEIGHT_MODES, True,
            "ONNX Runtime CPU EP; dsv4 ops run their function bodies (inlined by ORT)", growable_state=True,
-           experts=EXPERT_MODES),
+           experts=EXPERT_MODES, bf16_initializers=True),
     Target("ort-cuda", "ort", 23, ("CUDAExecutionProvider", "CPUExecutionProvider"), WEIGHT_MODES, True,
            "ONNX Runtime CUDA EP (onnxruntime-gpu, extra 'cuda'); MoE -> com.microsoft.MoE, packed weights -> "
            "DequantizeLinear where the CUDA kernel table covers them (docs/ort_cuda.md), other dsv4 ops inlined", growable_state=True,

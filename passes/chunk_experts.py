@@ -26,7 +26,7 @@ ordered sum, which reproduces the single fold term by term, would no longer matc
 prefill's routed-expert GEMMs N x K rows in all instead of N x U (issue [16]: a 64-token Flash prompt selects ~200
 of 256 experts with K = 6).
 
-``HoistInvariants`` (the ort-cpu pipeline, after the cleanup that folds the body's Ifs) moves every body node
+``HoistInvariants`` (the ort-cpu and ort-cuda pipelines, after the cleanup that folds the body's Ifs) moves every body node
 whose inputs do not change from trip to trip in front of the Loop, computed once. With the rows gathered, the FP8
 simulation of x runs in the body on x[rows] (N x K rows over all trips, per-row blocks: the same values).
 

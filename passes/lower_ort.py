@@ -175,8 +175,9 @@ class NarrowMoE(pattern.RewriteRuleClassBase):
 
     The body runs every expert on every token with routing weight 0 for the unselected ones, whose rows are exact
     zeros in its sum over experts: dropping them leaves the same numbers. At decode (N·top_k < E) it dequantises
-    at most N·top_k experts instead of E; at prefill U -> E and the cost is the body's (on ort-cpu select_ops then
-    runs the U experts one per trip of a Loop, so that memory stays one expert's: passes/chunk_experts.py).
+    at most N·top_k experts instead of E; at prefill U -> E and the cost is the body's (on ort-cpu and ort-cuda
+    select_ops then runs the U experts one per trip of a Loop, so that memory stays one expert's:
+    passes/chunk_experts.py).
     """
 
     def pattern(self, op, x, gate_weight, bias, tid2eid, ids, w1, w2, w3, shared, top_k, route_scale, swiglu_limit,

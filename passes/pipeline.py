@@ -34,7 +34,8 @@ PIPELINES: dict[str, Pipeline] = {
     # Prefill: NarrowMoE's experts one per Loop trip (select_ops, passes/chunk_experts.py), what the trips share hoisted.
     "ort-cpu": (*_common("ort-cpu", (("lower_ort", LowerOrtPass()),)), ("hoist_experts", HoistInvariants())),
     # What the CUDA EP's kernel table (passes/rules/ort_cuda_kernels.tsv) covers exactly, docs/ort_cuda.md: float MoE
-    # (MXFP4 experts through DequantizeLinear: the table's QMoE takes no float32 activations), NarrowMoE, FP8/MXFP4
+    # (MXFP4 experts with --experts int8 through DequantizeLinear: the table's QMoE takes no float32 activations),
+    # NarrowMoE (the default --experts packed: the selected experts' lookup dequantisation), FP8/MXFP4
     # weights -> DequantizeLinear, and weighted RMSNorms -> SimplifiedLayerNormalization (after the bodies are inlined).
     # Prefill: NarrowMoE's experts one per Loop trip as on ort-cpu (at Flash dims the dense form dequantises every
     # selected expert at once, ~100 MB of fp32 each: 20+ GB per layer for a 64-token prompt). `dsv4 lint` checks the

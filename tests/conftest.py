@@ -129,8 +129,8 @@ def tiny_tvm_llvm(tiny_artifact_tvm, tmp_path_factory):
 def fuse_artifact(src, dst, target: str = "ort-cpu", experts: str | None = None) -> dict:
     """A copy of a raw artifact with the target's pipeline applied to both graphs (what export with passes writes,
     except that the derived weights are stored inside the .onnx files; raw graphs do not depend on the target); the
-    manifest follows the new files and names the target. experts: ``--experts`` stamped on the graphs as the export
-    does (None: the lowering's own default for unstamped graphs, int8)."""
+    manifest follows the new files and names the target and the expert storage. experts: ``--experts`` stamped on
+    the graphs as the export does (None: unstamped, the lowering's own form, int8 on the ORT targets)."""
     import shutil
 
     import onnx_ir as ir
@@ -138,6 +138,7 @@ def fuse_artifact(src, dst, target: str = "ort-cpu", experts: str | None = None)
     from dsv4.export import artifact, custom_ops
     from dsv4.export.experts import EXPERTS_KEY
     from dsv4.export.signature import GRAPHS
+    from dsv4.export.targets import get_target
     from dsv4.passes import pipeline
 
     shutil.copytree(src, dst)
@@ -154,8 +155,8 @@ def fuse_artifact(src, dst, target: str = "ort-cpu", experts: str | None = None)
                              "dsv4_nodes": dict(custom_ops.dsv4_nodes(model))}
         man["files"][path.name] = {"bytes": path.stat().st_size, "sha256": artifact.sha256(path)}
     man["target"] = target
-    if experts is not None:
-        man["experts"] = experts
+    modes = get_target(target).experts if man.get("weights") == "packed" else ()
+    man["experts"] = experts or ("int8" if modes else None)  # unstamped graphs: the lowering's int8
     artifact.write_manifest(dst, man)
     return counts
 
@@ -163,7 +164,9 @@ def fuse_artifact(src, dst, target: str = "ort-cpu", experts: str | None = None)
 @pytest.fixture(scope="session")
 def tiny_artifact_default(tiny_artifact, tmp_path_factory):
     """tiny_artifact with the ort-cpu pipeline applied: what ``dsv4 export`` writes by default (packed FP8/MXFP4,
-    quant_sim on, fp32, passes on; the derived weights inside the graph files)."""
+    quant_sim on, fp32, passes on; the derived weights inside the graph files) except the expert storage: unstamped
+    graphs get the int8 re-encoding (``--experts int8``; the manifest says so). The packed default's lowering on tiny
+    is tests/test_lower_cuda.py's (the same NarrowMoE(packed) + expert Loop on ort-cuda)."""
     dst = tmp_path_factory.mktemp("fused") / "packed"
     fuse_artifact(tiny_artifact, dst)
     return dst

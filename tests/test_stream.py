@@ -95,6 +95,14 @@ class _Src:
         tensors = {"w": type("T", (), {"dtype": "BF16"})()}
 
 
+def test_bf16_initializers_on_ort_cpu_only():
+    """BF16 checkpoint tensors stay BF16 (+ a per-call Cast) where memory beats a cast per call (ORT CPU); ort-cuda
+    stores them fp32 (a GPU decode step would move ~3 GB for the cast); the other targets never see BF16."""
+    from dsv4.export.targets import TARGETS
+
+    assert [t.name for t in TARGETS.values() if t.bf16_initializers] == ["ort-cpu"]
+
+
 def test_keep_bf16_inserts_an_exact_cast():
     """A BF16-stored initializer read as float32 becomes BF16 + Cast: the same values in ORT, half the bytes."""
     w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
