@@ -1,4 +1,4 @@
-"""Query-chunked bodies of the dsv4 ops whose intermediates grow as queries x keys (the ort-cpu target).
+"""Query-chunked bodies of the dsv4 ops whose intermediates grow as queries x keys (the ort-cpu and ort-cuda targets).
 
 IndexerTopK materialises the scores of all queries against every compressed index key at once, [B,T,H,N] fp32
 (small preset, 16K prompt in a 16,640-position capacity: 16 heads x 4,160 keys x 16,384 queries = 4.4 GB per
@@ -9,10 +9,10 @@ on its rows (as ``<op>Rows``, the registry body unchanged), the chunks' results 
 reshaped back and cut to T. Each output row depends only on its own query row (and the shared keys), so the
 result is the body's exactly: same ops, same per-row reductions, same order.
 
-Only ort-cpu uses them (select_ops swaps them in right before inlining): TVM's importer has no Loop (TVM lowers
-SparseAttn itself and inlines IndexerTopK's Loop-free body), CANN's parser unrolls only constant-count loops, and
-ort-cuda's graphs keep the plain bodies: the wrappers Pad int64 positions, which the CUDA kernel table's Pad does
-not take (`dsv4 lint`: 4 violations on tiny), and nothing measured them there yet. Raw ``--no-passes`` graphs keep the
+Only the ORT targets use them (select_ops swaps them in right before inlining): TVM's importer has no Loop (TVM
+lowers SparseAttn itself and inlines IndexerTopK's Loop-free body), and CANN's parser unrolls only constant-count
+loops. The int64 inputs are padded by concatenating zeros, not by Pad, whose CUDA kernel has no int64 (with Pad
+the ort-cuda lint found 4 violations on tiny); how the Loop performs on a GPU is for tools/gpu_check.sh. Raw ``--no-passes`` graphs keep the
 plain bodies too. Measured on small, 8K prompt, 16,640 capacity: peak RSS 12.1 -> 3.6 GB (docs/PERF.md).
 """
 
@@ -32,6 +32,7 @@ CHUNKED = {
     "IndexerTopK": (["q", "k", "w", "n_visible"], {"q", "w", "n_visible"}, ["top_k"], 3),
     "SparseAttn": (["q", "kv", "sink", "idx", "scale"], {"q", "idx"}, [], 4),
 }
+INT64_INPUTS = {"n_visible", "idx"}  # int64 in the registry's signatures (export/custom_ops.py)
 
 
 def _const(name: str, vals: list[int]) -> onnx.NodeProto:
@@ -55,8 +56,15 @@ def chunked_proto(op: str) -> onnx.FunctionProto:
         helper.make_node("Squeeze", ["nc"], ["trips"]),
         helper.make_node("Constant", [], ["go"], value=helper.make_tensor("go", TensorProto.BOOL, [], [True])),
     ]
-    for x in inputs:
-        if x in chunked:  # padded rows (zeros) only produce rows that are cut off at the end
+    for x in inputs:  # padded rows (zeros) only produce rows that are cut off at the end
+        if x in chunked and x in INT64_INPUTS:  # zeros concatenated: the CUDA EP's Pad has no int64 kernel
+            n += [helper.make_node("Shape", [x], [x + "_lead"], end=1),
+                  helper.make_node("Shape", [x], [x + "_tail"], start=2),
+                  helper.make_node("Concat", [x + "_lead", "pad_len", x + "_tail"], [x + "_pshape"], axis=0),
+                  helper.make_node("ConstantOfShape", [x + "_pshape"], [x + "_zeros"],
+                                   value=helper.make_tensor(x + "_zero", TensorProto.INT64, [1], [0])),
+                  helper.make_node("Concat", [x, x + "_zeros"], [x + "_p"], axis=1)]
+        elif x in chunked:
             n.append(helper.make_node("Pad", [x, "pads", "", "ax1"], [x + "_p"]))
     call = helper.make_node(op + "Rows", [x + "_c" if x in chunked else x for x in inputs], ["part"], domain=DOMAIN)
     call.attribute.extend(helper.make_attribute_ref(k, onnx.AttributeProto.INT) for k in attrs)

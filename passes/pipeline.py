@@ -37,9 +37,9 @@ PIPELINES: dict[str, Pipeline] = {
     # (MXFP4 experts with --experts int8 through DequantizeLinear: the table's QMoE takes no float32 activations),
     # NarrowMoE (the default --experts packed: the selected experts' lookup dequantisation), FP8/MXFP4
     # weights -> DequantizeLinear, and weighted RMSNorms -> SimplifiedLayerNormalization (after the bodies are inlined).
-    # Prefill: NarrowMoE's experts one per Loop trip as on ort-cpu (at Flash dims the dense form dequantises every
-    # selected expert at once, ~100 MB of fp32 each: 20+ GB per layer for a 64-token prompt). `dsv4 lint` checks the
-    # result against the same table.
+    # Prefill as on ort-cpu: NarrowMoE's experts one per Loop trip (at Flash dims the dense form dequantises every
+    # selected expert at once, ~100 MB of fp32 each: 20+ GB per layer for a 64-token prompt) and the query-chunked
+    # IndexerTopK / SparseAttn (memory linear in the prompt). `dsv4 lint` checks the result against the same table.
     "ort-cuda": (*_common("ort-cuda", (("lower_cuda", LowerOrtPass("lower_cuda", qmoe=False)),)),
                  ("hoist_experts", HoistInvariants()), ("fuse_norm", FuseNormPass())),
     # TVM keeps the ops its lowerings.py implements (registry tvm faces) and inlines the others, MoE included.

@@ -6,9 +6,9 @@ Which ops a target keeps follows from the registry's faces (export/custom_ops.py
 * TVM targets keep the ops whose ``tvm`` face names a lowering (runtimes/tvm/lowerings.py) and inline the rest.
 * ONNX Runtime has no dsv4 kernels: an ``ort`` face names a graph lowering to ORT contrib ops, which runs as its own
   pass before this one (passes/lower_ort.py); a node that lowering refused (its reason is in the code) is inlined.
-  On ort-cpu, IndexerTopK and SparseAttn inline query-chunked wrappers of their bodies (passes/chunk_queries.py:
-  a Loop over 256-query blocks, as the eager kernels do) in graphs with more than one query (prefill), so that
-  prefill memory and time stay linear in length; and on ort-cpu and ort-cuda NarrowMoE's experts run one per trip
+  On ort-cpu and ort-cuda, IndexerTopK and SparseAttn inline query-chunked wrappers of their bodies
+  (passes/chunk_queries.py: a Loop over 256-query blocks, as the eager kernels do) in graphs with more than one
+  query (prefill), so that prefill memory and time stay linear in length; and NarrowMoE's experts run one per trip
   of a Loop in prefill graphs (passes/chunk_experts.py: memory bounded whatever the number of experts the prompt
   selects; each trip on the rows of the tokens that chose its expert).
 
@@ -30,7 +30,7 @@ from .chunk_experts import chunk
 from .chunk_queries import swap_in
 from .cleanup import Counted
 
-EXPERT_LOOPS = ("ort-cpu", "ort-cuda")  # targets whose prefill runs NarrowMoE's experts one per Loop trip
+PREFILL_LOOPS = ("ort-cpu", "ort-cuda")  # targets whose prefill graphs chunk queries and experts in Loops
 
 
 def kept_ops(target: str) -> frozenset[str]:
@@ -53,8 +53,8 @@ class SelectOps(ir.passes.InPlacePass):
             if node.domain == DOMAIN and node.op_type not in keep:
                 node.metadata_props.setdefault(DSV4_OP_KEY, node.op_type)  # inherited by the inlined nodes
                 inlined[node.op_type] = inlined.get(node.op_type, 0) + 1
-        chunked = swap_in(model) if self.target == "ort-cpu" else []
-        experts = chunk(model) if self.target in EXPERT_LOOPS else {}
+        chunked = swap_in(model) if self.target in PREFILL_LOOPS else []
+        experts = chunk(model) if self.target in PREFILL_LOOPS else {}
         common.InlinePass(criteria=lambda f: f.domain == DOMAIN and f.name not in keep)(model)
         left = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN}
         if left - keep:

@@ -90,7 +90,7 @@ def test_tiny_packed_cuda_graph_keeps_the_experts_packed_and_matches_eager_on_th
         tiny_artifact, tiny_artifact_cuda, tiny_packed_reference, tmp_path):
     """An ort-cuda export's default (--experts packed, packed FP8/MXFP4, quant_sim on): the MXFP4 expert stacks stay
     the checkpoint's bytes and the selected experts are dequantised by the Mxfp4Dequant body (no int8 re-encoding),
-    in prefill one expert per Loop trip;
+    in prefill one expert per Loop trip and the attention / indexer over query chunks;
     on the CPU EP it passes the calibrated parity against the same eager reference as the ort-cpu default. The int8
     variant of the same graphs stores >= 2x the stacks' bytes again (docs/export.md "Real size")."""
     from conftest import cuda_artifact
@@ -104,6 +104,8 @@ def test_tiny_packed_cuda_graph_keeps_the_experts_packed_and_matches_eager_on_th
         assert counts["select_ops"].get("inlined Mxfp4Dequant", 0) > 0, counts["select_ops"]
         # prefill: one routed expert per Loop trip (bounded memory at real size: docs/ort_cuda.md); decode: dense
         assert counts["select_ops"].get("expert-chunked MoE", 0) == (4 if g == "prefill" else 0), counts["select_ops"]
+        chunked = {k: v for k, v in counts["select_ops"].items() if k.startswith("query-chunked")}  # prefill only
+        assert chunked == ({"query-chunked IndexerTopK": 2, "query-chunked SparseAttn": 4} if g == "prefill" else {})
         model = ir.load(tiny_artifact_cuda / f"{g}.onnx")
         assert not [k for k in model.graph.initializers if k.endswith(".q8_zero")]  # no int8 re-encoding stored
     int8 = tmp_path / "int8"

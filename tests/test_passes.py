@@ -101,9 +101,9 @@ def test_select_ops_keeps_what_the_target_runs_and_inlines_the_rest(target):
 
 @pytest.mark.parametrize("op", ["IndexerTopK", "SparseAttn"])
 def test_query_chunked_bodies_equal_the_registry_body(op):
-    """ort-cpu inlines IndexerTopK / SparseAttn as a Loop over 256-query chunks of the registry body
-    (passes/chunk_queries.py): bit for bit the unchunked body at T below, at and across chunk edges, batch 2; a
-    static T = 1 (decode) keeps the plain body."""
+    """ort-cpu and ort-cuda inline IndexerTopK / SparseAttn as a Loop over 256-query chunks of the registry body
+    (passes/chunk_queries.py): bit for bit the unchunked body (ascend's plain inlining) at T below, at and across
+    chunk edges, batch 2; a static T = 1 (decode) keeps the plain body."""
     rng = np.random.default_rng(0)
     for t in (1, 7, 256, 300, 600):
         if op == "IndexerTopK":
@@ -119,16 +119,17 @@ def test_query_chunked_bodies_equal_the_registry_body(op):
                    "idx": rng.integers(-1, 50, (2, t, 12)).astype(np.int64), "scale": np.array(0.25, np.float32)}
             attrs = {}
         out = []
-        for target in ("ort-cuda", "ort-cpu"):  # ort-cuda inlines the plain body
+        for target in ("ascend", "ort-cpu", "ort-cuda"):  # ascend inlines the plain body
             m = custom_ops.op_model(op, list(ins.values()), attrs, out_ranks=[4 if op == "SparseAttn" else 3])
             counts = select_ops.SelectOps(target)(m).counts
-            chunked = target == "ort-cpu" and t > 1  # a static one-query call (decode) keeps the plain body
+            chunked = target != "ascend" and t > 1  # a static one-query call (decode) keeps the plain body
             assert (f"query-chunked {op}" in counts) == chunked
             assert any(n.op_type == "Loop" for n in m.graph) == chunked
             onnx.checker.check_model(ir.serde.serialize_model(m), full_check=True)
             out.append(_ort(m, ins))
-        assert out[1].shape == out[0].shape and out[0].shape[1] == t
-        np.testing.assert_array_equal(out[1], out[0])
+        for chunked_out in out[1:]:
+            assert chunked_out.shape == out[0].shape and out[0].shape[1] == t
+            np.testing.assert_array_equal(chunked_out, out[0])
 
 
 def test_cleanup_never_reads_a_weight(tmp_path, caplog):
