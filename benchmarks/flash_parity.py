@@ -271,8 +271,9 @@ def run(a) -> None:
                   "layers": layers, "max_seq_len": a.max_seq_len})
         if not (art / "manifest.json").exists():
             launch(a, res, work, mode, "export", [
-                *CLI, "export", ck, *(["--target", "ort-cpu"] if "--target" not in MODES[mode] else []), "--out", str(art),
-                "--max-seq-len", str(a.max_seq_len), "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])])
+                *CLI, "export", ck, "--target", "ort-cpu", "--out", str(art), "--max-seq-len", str(a.max_seq_len),
+                "--no-progress", "--force", *MODES[mode], *(["--layers", str(layers)] if layers else [])])  # a mode's
+                # own --target comes later and wins (argparse keeps the last)
         r["artifact_bytes"] = dir_bytes(art)
         man = json.loads((art / "manifest.json").read_text())
         r["weights"] = man["weights"]

@@ -12,8 +12,8 @@ result is the body's exactly: same ops, same per-row reductions, same order.
 Only the ORT targets use them (select_ops swaps them in right before inlining): TVM's importer has no Loop (TVM
 lowers SparseAttn itself and inlines IndexerTopK's Loop-free body), and CANN's parser unrolls only constant-count
 loops. The int64 inputs are padded by concatenating zeros, not by Pad, whose CUDA kernel has no int64 (with Pad
-the ort-cuda lint found 4 violations on tiny); how the Loop performs on a GPU is for tools/gpu_check.sh. Raw ``--no-passes`` graphs keep the
-plain bodies too. Measured on small, 8K prompt, 16,640 capacity: peak RSS 12.1 -> 3.6 GB (docs/PERF.md).
+the ort-cuda lint found 4 violations on tiny); how the Loop performs on a GPU is for tools/gpu_check.sh. Raw
+``--no-passes`` graphs keep the plain bodies too. Measured on small, 8K prompt, 16,640 capacity: peak RSS 12.1 -> 3.6 GB (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
+from dsv4.export.custom_ops import ROWS
 from dsv4.export.functions import DOMAIN, DOMAIN_VERSION
 from dsv4.models.kernels import QUERY_CHUNK
 
@@ -32,7 +33,6 @@ CHUNKED = {
     "IndexerTopK": (["q", "k", "w", "n_visible"], {"q", "w", "n_visible"}, ["top_k"], 3),
     "SparseAttn": (["q", "kv", "sink", "idx", "scale"], {"q", "idx"}, [], 4),
 }
-INT64_INPUTS = {"n_visible", "idx"}  # int64 in the registry's signatures (export/custom_ops.py)
 
 
 def _const(name: str, vals: list[int]) -> onnx.NodeProto:
@@ -43,6 +43,7 @@ def chunked_proto(op: str) -> onnx.FunctionProto:
     """The wrapper of `op` (domain dsv4, same name, inputs and attributes) that loops over query chunks and calls
     ``dsv4.<op>Rows`` (the registry body) on each."""
     inputs, chunked, attrs, rank = CHUNKED[op]
+    int64 = {name for name, t in ROWS[op].inputs if t == "tensor(int64)"}  # the registry's signature
     n = [
         _const("c", [QUERY_CHUNK]), _const("one", [1]), _const("zero", [0]), _const("ax1", [1]), _const("m1", [-1]),
         helper.make_node("Shape", ["q"], ["t_raw"], start=1, end=2),
@@ -57,7 +58,7 @@ def chunked_proto(op: str) -> onnx.FunctionProto:
         helper.make_node("Constant", [], ["go"], value=helper.make_tensor("go", TensorProto.BOOL, [], [True])),
     ]
     for x in inputs:  # padded rows (zeros) only produce rows that are cut off at the end
-        if x in chunked and x in INT64_INPUTS:  # zeros concatenated: the CUDA EP's Pad has no int64 kernel
+        if x in chunked and x in int64:  # zeros concatenated: the CUDA EP's Pad has no int64 kernel
             n += [helper.make_node("Shape", [x], [x + "_lead"], end=1),
                   helper.make_node("Shape", [x], [x + "_tail"], start=2),
                   helper.make_node("Concat", [x + "_lead", "pad_len", x + "_tail"], [x + "_pshape"], axis=0),
